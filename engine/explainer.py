@@ -1,0 +1,221 @@
+"""The facade: `Explainer(model, tokenizer).attribute(texts, method=..., **options)`.
+
+The public calls normalize and validate their inputs, resolve each text's target, delegate to the
+method runners (`engine.methods`), and return typed results (`engine.results`). A bad option fails
+the whole call at once; a bad text in a list becomes an `AttributionFailure` in its place and the
+other texts are still attributed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+from . import reference as ref
+from .methods import RUNNERS, PreparedText, as_float_array
+from .metrics import min_max_normalize, spearman, top_k_indices
+from .models import CLASSIFIER, DEFAULT_MODEL, classifier_reads_first_token, load_model, max_length, model_kind
+from .options import available_methods, make_options
+from .results import Attribution, AttributionFailure, Comparison
+
+
+class Explainer:
+    """Token attributions for one Hugging Face causal LM or sequence classifier."""
+
+    def __init__(self, model, tokenizer):
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.kind = model_kind(model)
+        self.max_length = max_length(model, tokenizer)
+        self.num_layers = int(model.config.num_hidden_layers)
+
+    @classmethod
+    def from_pretrained(cls, name_or_path: str = DEFAULT_MODEL, **load_kwargs) -> Explainer:
+        """"smollm2" (the embedded default), a Hugging Face id or a local folder; see `load_model`."""
+        model, tokenizer = load_model(name_or_path, **load_kwargs)
+        return cls(model, tokenizer)
+
+    # ----------------------------------------------------------------------------------- public calls
+
+    def attribute(self, texts: str | Sequence[str], method: str = "leave_one_out", *, target=None, **options):
+        """Attribute one text (returns an `Attribution`) or a list (returns one entry per text).
+
+        In a list, a text that cannot be attributed (empty, too long, shorter than the window, a
+        target not in the vocabulary, ...) gives an `AttributionFailure` (falsy, with `.error`) at its
+        index; the other texts are attributed as usual. A single text raises the error instead.
+        `target`: None (the model's prediction), a token id / class index, or a token string / label.
+        """
+        opts = make_options(method, **options)
+        self._check_model_level(method, opts)
+        single = isinstance(texts, str)
+        batch = [texts] if single else self._as_list(texts)
+        prepared, failures = [], {}
+        for i, text in enumerate(batch):
+            try:
+                p = self._prepare(i, text, target)
+                self._check_text_level(method, opts, p)
+                prepared.append(p)
+            except (ValueError, TypeError) as err:
+                if single:
+                    raise
+                failures[i] = AttributionFailure(index=i, text=text, method=method, error=err)
+        computed = RUNNERS[method](self.model, self.tokenizer, prepared, opts) if prepared else []
+        results = dict(failures)
+        for p, fields in zip(prepared, computed):
+            results[p.index] = self._attribution(p, method, opts, fields)
+        ordered = [results[i] for i in range(len(batch))]
+        return ordered[0] if single else ordered
+
+    def predict(self, text: str) -> tuple[str, float]:
+        """The predicted token (or class label) and its probability."""
+        p = self._prepare(0, text, None)
+        return self._decode_target(p.target_id), p.target_prob
+
+    def faithfulness(self, text: str, attribution, k_values=(1, 3, 5), *, target=None) -> dict:
+        """The seed's sufficiency and comprehensiveness at each k for `attribution` on `text`.
+
+        `attribution`: an `Attribution` (its target is used unless `target` is given) or a score vector.
+        """
+        if isinstance(attribution, Attribution):
+            scores = attribution.scores
+            target = attribution.target_id if target is None else target
+        else:
+            scores = as_float_array(attribution)
+        p = self._prepare(0, text, target)
+        if scores.ndim != 1 or len(scores) != len(p.tokens):
+            raise ValueError(f"attribution has {scores.shape} scores; the text has {len(p.tokens)} tokens")
+        ks = self._check_k_values(k_values, len(p.tokens))
+        return ref.evaluate_faithfulness(self.model, self.tokenizer, p.text, scores, ks, p.target_id)
+
+    def compare(self, text: str, methods: Sequence[str] | None = None, *, target=None, top_k: int = 3,
+                options: dict[str, dict] | None = None) -> Comparison:
+        """Several methods on one text: normalized scores, Spearman matrix, top-k tokens per method."""
+        methods = list(methods) if methods is not None else available_methods()
+        if not methods:
+            raise ValueError(f"methods must name at least one of {available_methods()}")
+        options = options or {}
+        unknown = sorted(set(options) - set(methods))
+        if unknown:
+            raise ValueError(f"options given for methods not compared: {unknown}")
+        attributions = {m: self.attribute(text, m, target=target, **options.get(m, {})) for m in methods}
+        first = attributions[methods[0]]
+        # as the seed's `argsort(...)[-3:]`, a text shorter than top_k shows all its tokens
+        top_k = min(self._check_k_values((top_k,), self.max_length)[0], len(first.tokens))
+        normalized = {m: min_max_normalize(a.scores) for m, a in attributions.items()}
+        n = len(methods)
+        rho, pval = np.eye(n), np.zeros((n, n))
+        for i in range(n):
+            for j in range(i + 1, n):
+                rho[i, j], pval[i, j] = spearman(normalized[methods[i]], normalized[methods[j]])
+                rho[j, i], pval[j, i] = rho[i, j], pval[i, j]
+        tops = {
+            m: [(first.tokens[i], float(normalized[m][i])) for i in top_k_indices(normalized[m], top_k)]
+            for m in methods
+        }
+        return Comparison(
+            text=text, tokens=first.tokens, target_token=first.target_token, target_prob=first.target_prob,
+            attributions=attributions, normalized=normalized, spearman=rho, spearman_p=pval, top_k=tops,
+        )
+
+    # ------------------------------------------------------------------------------------- internals
+
+    @staticmethod
+    def _as_list(texts) -> list:
+        if isinstance(texts, (bytes, dict)) or not isinstance(texts, Sequence):
+            raise TypeError(f"texts must be a str or a sequence of str, got {type(texts).__name__}")
+        if len(texts) == 0:
+            raise ValueError("texts is empty: pass at least one text")
+        return list(texts)
+
+    def _check_model_level(self, method: str, opts) -> None:
+        if method == "raw_attention" and not -self.num_layers <= opts.layer < self.num_layers:
+            raise ValueError(
+                f"layer must be in [{-self.num_layers}, {self.num_layers - 1}] for this "
+                f"{self.num_layers}-layer model, got {opts.layer}"
+            )
+
+    @staticmethod
+    def _check_text_level(method: str, opts, p: PreparedText) -> None:
+        if method == "sliding_window" and opts.window_size > len(p.tokens):
+            raise ValueError(f"window_size {opts.window_size} is larger than the text ({len(p.tokens)} tokens)")
+
+    @staticmethod
+    def _check_k_values(k_values, n_tokens: int) -> tuple[int, ...]:
+        if isinstance(k_values, int):
+            k_values = (k_values,)
+        ks = tuple(k_values)
+        for k in ks:
+            if isinstance(k, bool) or not isinstance(k, (int, np.integer)):
+                raise TypeError(f"k must be an int, got {k!r}")
+            if not 1 <= k <= n_tokens:
+                raise ValueError(f"k must be between 1 and the number of tokens ({n_tokens}), got {k}")
+        return ks
+
+    def _prepare(self, index: int, text, target) -> PreparedText:
+        if not isinstance(text, str):
+            raise TypeError(f"text must be a str, got {type(text).__name__}")
+        if not text.strip():
+            raise ValueError("text is empty or whitespace only")
+        inputs, tokens = ref.encode(self.tokenizer, text)
+        n = len(tokens)
+        if n == 0:
+            raise ValueError("text produced no tokens")
+        if n > self.max_length:
+            raise ValueError(f"text has {n} tokens; this model accepts at most {self.max_length}")
+        with torch.no_grad():
+            logits = ref.scored_logits(self.model(**{k: v.to(self.model.device) for k, v in inputs.items()}).logits)
+        probs = torch.softmax(logits.float(), dim=-1)
+        target_id = self._resolve_target(target, probs.shape[-1])
+        if target_id is None:
+            target_id = int(probs.argmax())
+        read_pos = 0 if self.kind == CLASSIFIER and classifier_reads_first_token(self.model) else n - 1
+        return PreparedText(
+            index=index, text=text, input_ids=tuple(inputs["input_ids"][0].tolist()), tokens=tuple(tokens),
+            target_id=target_id, target_prob=float(probs[target_id]), read_pos=read_pos,
+        )
+
+    def _resolve_target(self, target, n_outputs: int) -> int | None:
+        if target is None:
+            return None
+        what = "class index" if self.kind == CLASSIFIER else "token id"
+        if isinstance(target, bool) or not isinstance(target, (int, np.integer, str)):
+            raise TypeError(f"target must be None, an int ({what}) or a str, got {type(target).__name__}")
+        if isinstance(target, str):
+            return self._target_from_string(target)
+        if not 0 <= int(target) < n_outputs:
+            raise ValueError(f"target {what} {target} is out of range [0, {n_outputs})")
+        return int(target)
+
+    def _target_from_string(self, target: str) -> int:
+        if self.kind == CLASSIFIER:
+            label2id = {str(k): int(v) for k, v in (self.model.config.label2id or {}).items()}
+            if target not in label2id:
+                raise ValueError(f"target label {target!r} is not one of {sorted(label2id)}")
+            return label2id[target]
+        vocab = self.tokenizer.get_vocab()
+        if target in vocab:  # a raw vocabulary entry, e.g. 'ĠParis'
+            return vocab[target]
+        ids = self.tokenizer(target, add_special_tokens=False)["input_ids"]
+        if len(ids) != 1:
+            raise ValueError(
+                f"target token {target!r} is not in the vocabulary: it encodes to {len(ids)} tokens "
+                f"{self.tokenizer.convert_ids_to_tokens(ids)}; pass one token (string or id)"
+            )
+        return ids[0]
+
+    def _decode_target(self, target_id: int) -> str:
+        if self.kind == CLASSIFIER:
+            return str((self.model.config.id2label or {}).get(target_id, target_id))
+        return self.tokenizer.decode([target_id])
+
+    def _attribution(self, p: PreparedText, method: str, opts, fields: dict) -> Attribution:
+        fields = dict(fields)
+        fields["scores"] = as_float_array(fields["scores"])
+        return Attribution(
+            text=p.text, tokens=list(p.tokens), method=method, target_id=p.target_id,
+            target_token=self._decode_target(p.target_id), target_prob=p.target_prob,
+            options=dataclasses.asdict(opts), **fields,
+        )

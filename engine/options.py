@@ -1,0 +1,112 @@
+"""Method names and their options: small frozen dataclasses validated on construction.
+
+The registry here is the one list of methods: the facade, `available_methods()` and the CLI's
+`choices=` all read it, so an unknown name gets the same list of valid ones everywhere.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+from .reference import HEAD_FUSIONS, IG_BASELINES, IG_METHODS
+
+
+def _check_int(name: str, value, minimum: int | None = None) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
+    if minimum is not None and value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+
+
+def _check_choice(name: str, value, choices) -> None:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {list(choices)}, got {value!r}")
+
+
+@dataclass(frozen=True)
+class RawAttentionOptions:
+    layer: int = -1  # which layer's attention (negative counts from the last); checked against the model
+
+    def __post_init__(self):
+        _check_int("layer", self.layer)
+
+
+@dataclass(frozen=True)
+class RolloutOptions:
+    head_fusion: str = "mean"
+    discard_ratio: float = 0.0
+    causal_quantile: bool = False  # take the discard quantile over the lower triangle only
+
+    def __post_init__(self):
+        _check_choice("head_fusion", self.head_fusion, HEAD_FUSIONS)
+        if isinstance(self.discard_ratio, bool) or not isinstance(self.discard_ratio, (int, float)):
+            raise TypeError(f"discard_ratio must be a float, got {self.discard_ratio!r}")
+        if not 0.0 <= self.discard_ratio < 1.0:
+            raise ValueError(f"discard_ratio must be in [0, 1), got {self.discard_ratio}")
+        if not isinstance(self.causal_quantile, bool):
+            raise TypeError(f"causal_quantile must be a bool, got {self.causal_quantile!r}")
+
+
+@dataclass(frozen=True)
+class GradAttentionOptions:
+    pass
+
+
+@dataclass(frozen=True)
+class IntegratedGradientsOptions:
+    n_steps: int = 50
+    ig_method: str = "gausslegendre"
+    baseline: str = "replacement"
+
+    def __post_init__(self):
+        _check_int("n_steps", self.n_steps, minimum=1)
+        _check_choice("ig_method", self.ig_method, IG_METHODS)
+        _check_choice("baseline", self.baseline, IG_BASELINES)
+        if self.ig_method == "riemann_trapezoid" and self.n_steps < 2:
+            raise ValueError("riemann_trapezoid needs n_steps >= 2")
+
+
+@dataclass(frozen=True)
+class LeaveOneOutOptions:
+    pass
+
+
+@dataclass(frozen=True)
+class SlidingWindowOptions:
+    window_size: int = 3  # checked against each text's length when it runs
+
+    def __post_init__(self):
+        _check_int("window_size", self.window_size, minimum=1)
+
+
+OPTIONS = {
+    "raw_attention": RawAttentionOptions,
+    "rollout": RolloutOptions,
+    "grad_attention": GradAttentionOptions,
+    "integrated_gradients": IntegratedGradientsOptions,
+    "leave_one_out": LeaveOneOutOptions,
+    "sliding_window": SlidingWindowOptions,
+}
+NOT_YET_AVAILABLE = {"lrp": "LRP is not available yet (tracked in its own issue)"}
+
+
+def available_methods() -> list[str]:
+    """The method names `Explainer.attribute` accepts."""
+    return list(OPTIONS)
+
+
+def make_options(method: str, **options):
+    """Validate a method name and its keyword options into that method's options dataclass."""
+    if not isinstance(method, str):
+        raise TypeError(f"method must be a str, one of {available_methods()}, got {method!r}")
+    if method in NOT_YET_AVAILABLE:
+        raise ValueError(f"{NOT_YET_AVAILABLE[method]}; available methods: {available_methods()}")
+    if method not in OPTIONS:
+        raise ValueError(f"unknown method {method!r}; available methods: {available_methods()}")
+    cls = OPTIONS[method]
+    valid = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(options) - set(valid))
+    if unknown:
+        raise ValueError(f"unknown option(s) {unknown} for method {method!r}; valid options: {valid or 'none'}")
+    return cls(**options)

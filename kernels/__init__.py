@@ -1,0 +1,2 @@
+"""Fused kernels. Each kernel has a plain-torch path beside it; Triton is imported lazily, so this
+package imports where Triton or CUDA is absent and never touches CUDA on import."""
