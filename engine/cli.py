@@ -67,7 +67,7 @@ def explain(args) -> int:
     for m, a in comparison.attributions.items():
         extra = f", completeness gap {a.completeness_gap:+.3f}" if a.completeness_gap is not None else ""
         print(f"\n{m} (min-max normalized{extra}):")
-        for tok, raw, norm in zip(comparison.tokens, a.scores, comparison.normalized[m]):
+        for tok, raw, norm in zip(comparison.tokens, a.scores, comparison.normalized[m], strict=True):
             print(f"  {tok:>{width}s} {_bar(norm)} {norm:.2f}  ({raw:+.4g})")
     print("\nSpearman rank correlations:")
     col = max(len(m) for m in methods)
@@ -102,7 +102,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("text")
     p.add_argument("--model", default=DEFAULT_MODEL, help=f"model name, hub id or folder (default: {DEFAULT_MODEL})")
     p.add_argument(
-        "--methods", nargs="+", metavar="METHOD",
+        "--methods",
+        nargs="+",
+        metavar="METHOD",
         help=f"methods, space or comma separated (default: all of {available_methods()})",
     )
     p.add_argument("--format", choices=("table", "json"), default="table")

