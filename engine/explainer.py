@@ -14,23 +14,69 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from . import methods
 from . import reference as ref
+from .batching import BatchRunner
 from .methods import RUNNERS, PreparedText, as_float_array
 from .metrics import min_max_normalize, spearman, top_k_indices
-from .models import CLASSIFIER, DEFAULT_MODEL, classifier_reads_first_token, load_model, max_length, model_kind
+from .models import (
+    CAUSAL_LM,
+    CLASSIFIER,
+    DEFAULT_MODEL,
+    classifier_reads_first_token,
+    load_model,
+    max_length,
+    model_kind,
+    replacement_id,
+)
 from .options import available_methods, make_options
 from .results import Attribution, AttributionFailure, Comparison
+
+# Token budgets per batch (query tokens + cached prefix tokens). On the 2-core CPU, forwards reach most
+# of the matmul peak from a few hundred tokens; on a GPU the budget is limited by memory instead.
+DEFAULT_CPU_BATCH_TOKENS = 2048
+DEFAULT_GPU_BATCH_TOKENS = 32768
 
 
 class Explainer:
     """Token attributions for one Hugging Face causal LM or sequence classifier."""
 
-    def __init__(self, model, tokenizer):
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        *,
+        max_batch_tokens: int | None = None,
+        max_batch_size: int | None = None,
+        prefix_reuse: bool = True,
+        row_capacity: int = 256,
+        progress: bool | None = None,
+    ):
+        """`max_batch_tokens`: padded tokens per batch, the cached prefix they attend to included
+        (default 2048 on the CPU, 32768 on CUDA); `max_batch_size`: items per batch (default: no limit);
+        `prefix_reuse`: run causal-LM perturbations from their first changed token over the clean
+        prefix cache (classifiers always recompute in full); `row_capacity`: tokens per packed row of
+        suffixes; `progress`: a tqdm bar (default: on for 16 texts or more)."""
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.kind = model_kind(model)
         self.max_length = max_length(model, tokenizer)
         self.num_layers = int(model.config.num_hidden_layers)
+        self.replacement_id = replacement_id(tokenizer)
+        self.prefix_reuse = bool(prefix_reuse) and self.kind == CAUSAL_LM
+        if max_batch_tokens is None:
+            on_gpu = model.device.type == "cuda"
+            max_batch_tokens = DEFAULT_GPU_BATCH_TOKENS if on_gpu else DEFAULT_CPU_BATCH_TOKENS
+        for name, value in (
+            ("max_batch_tokens", max_batch_tokens),
+            ("max_batch_size", max_batch_size),
+            ("row_capacity", row_capacity),
+        ):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        self.runner = BatchRunner(
+            model, self.kind, self.replacement_id, max_batch_tokens, max_batch_size, row_capacity, progress
+        )
 
     @classmethod
     def from_pretrained(cls, name_or_path: str = DEFAULT_MODEL, **load_kwargs) -> Explainer:
@@ -62,7 +108,8 @@ class Explainer:
                 if single:
                     raise
                 failures[i] = AttributionFailure(index=i, text=text, method=method, error=err)
-        computed = RUNNERS[method](self.model, self.tokenizer, prepared, opts) if prepared else []
+        prepared = methods.clean_pass(self, prepared) if prepared else []
+        computed = RUNNERS[method](self, prepared, opts) if prepared else []
         results = dict(failures)
         for p, fields in zip(prepared, computed, strict=True):
             results[p.index] = self._attribution(p, method, opts, fields)
@@ -71,7 +118,7 @@ class Explainer:
 
     def predict(self, text: str) -> tuple[str, float]:
         """The predicted token (or class label) and its probability."""
-        p = self._prepare(0, text, None)
+        (p,) = methods.clean_pass(self, [self._prepare(0, text, None)])
         return self._decode_target(p.target_id), p.target_prob
 
     def faithfulness(self, text: str, attribution, k_values=(1, 3, 5), *, target=None) -> dict:
@@ -84,11 +131,11 @@ class Explainer:
             target = attribution.target_id if target is None else target
         else:
             scores = as_float_array(attribution)
-        p = self._prepare(0, text, target)
+        (p,) = methods.clean_pass(self, [self._prepare(0, text, target)])
         if scores.ndim != 1 or len(scores) != len(p.tokens):
             raise ValueError(f"attribution has {scores.shape} scores; the text has {len(p.tokens)} tokens")
         ks = self._check_k_values(k_values, len(p.tokens))
-        return ref.evaluate_faithfulness(self.model, self.tokenizer, p.text, scores, ks, p.target_id)
+        return methods.faithfulness(self, p, scores, ks)
 
     def compare(
         self,
@@ -182,7 +229,7 @@ class Explainer:
         with torch.no_grad():
             logits = ref.scored_logits(self.model(**{k: v.to(self.model.device) for k, v in inputs.items()}).logits)
         probs = torch.softmax(logits.float(), dim=-1)
-        target_id = self._resolve_target(target, probs.shape[-1])
+        target_id = self._resolve_target(target)
         if target_id is None:
             target_id = int(probs.argmax())
         read_pos = 0 if self.kind == CLASSIFIER and classifier_reads_first_token(self.model) else n - 1
@@ -196,7 +243,12 @@ class Explainer:
             read_pos=read_pos,
         )
 
-    def _resolve_target(self, target, n_outputs: int) -> int | None:
+    def _n_outputs(self) -> int:
+        if self.kind == CLASSIFIER:
+            return int(self.model.config.num_labels)
+        return int(self.model.get_output_embeddings().weight.shape[0])
+
+    def _resolve_target(self, target) -> int | None:
         if target is None:
             return None
         what = "class index" if self.kind == CLASSIFIER else "token id"
@@ -204,6 +256,7 @@ class Explainer:
             raise TypeError(f"target must be None, an int ({what}) or a str, got {type(target).__name__}")
         if isinstance(target, str):
             return self._target_from_string(target)
+        n_outputs = self._n_outputs()
         if not 0 <= int(target) < n_outputs:
             raise ValueError(f"target {what} {target} is out of range [0, {n_outputs})")
         return int(target)

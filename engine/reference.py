@@ -38,9 +38,14 @@ def encode(tokenizer, text: str) -> tuple[dict, list[str]]:
     return dict(inputs), tokens
 
 
+def scored_logits_batch(logits: torch.Tensor) -> torch.Tensor:
+    """(B, V) rows the methods score: last position of a causal LM, the classes of a classifier."""
+    return logits[:, -1] if logits.dim() == 3 else logits
+
+
 def scored_logits(logits: torch.Tensor) -> torch.Tensor:
-    """The output vector the methods score: last position of a causal LM, the classes of a classifier."""
-    return logits[0, -1] if logits.dim() == 3 else logits[0]
+    """The scored output vector of a batch of one."""
+    return scored_logits_batch(logits)[0]
 
 
 def _model_inputs(model, inputs: dict) -> dict:

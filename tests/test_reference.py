@@ -183,10 +183,10 @@ def _captum_ig(model, tok, text, target_id, n_steps, method, baseline):
     ids = tok(text, return_tensors="pt")["input_ids"]
 
     def forward_ids(input_ids):
-        return ref_batch_logits(model(input_ids).logits)[:, target_id]
+        return ref.scored_logits_batch(model(input_ids).logits)[:, target_id]
 
     def forward_embeds(embeds):
-        return ref_batch_logits(model(inputs_embeds=embeds).logits)[:, target_id]
+        return ref.scored_logits_batch(model(inputs_embeds=embeds).logits)[:, target_id]
 
     if baseline == "replacement":
         lig = LayerIntegratedGradients(forward_ids, model.get_input_embeddings())
@@ -198,10 +198,6 @@ def _captum_ig(model, tok, text, target_id, n_steps, method, baseline):
             x, baselines=torch.zeros_like(x), n_steps=n_steps, method=method
         )
     return attr.sum(-1)[0].detach().numpy()
-
-
-def ref_batch_logits(logits):
-    return logits[:, -1] if logits.dim() == 3 else logits
 
 
 @pytest.mark.parametrize("baseline", ["replacement", "zeros"])

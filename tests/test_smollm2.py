@@ -80,3 +80,21 @@ def test_engine_explain_default_model():
     report = json.loads(out.stdout)
     assert report["prediction"]["token"] == " Paris"
     assert report["tokens"][:2] == ["The", "ĠE"]
+
+
+def test_batched_methods_at_odd_budgets_on_smollm2(smollm2):
+    model, tok = smollm2.model, smollm2.tokenizer
+    ex = Explainer(model, tok, max_batch_tokens=37, max_batch_size=7, row_capacity=13)
+    texts = ["Water boils at a temperature of one hundred degrees", "The capital of Japan is", EIFFEL]
+    for text, a in zip(texts, ex.attribute(texts, "leave_one_out"), strict=True):
+        assert_close(a.scores, ref.leave_one_out_attribution(model, tok, text)[0], atol=1e-5, what=text)
+    for text, a in zip(texts, ex.attribute(texts, "sliding_window"), strict=True):
+        regions = ref.sliding_window_occlusion(model, tok, text)
+        # logits are ~20 in size: compare the impacts at 1e-5 of the logit scale
+        assert_close(a.scores, ref.window_scores_per_token(regions, len(a.tokens)), atol=2e-4, what=text)
+    a = smollm2.attribute(EIFFEL, "leave_one_out")
+    got = ex.faithfulness(EIFFEL, a, k_values=(1, 3, 5))
+    expected = ref.evaluate_faithfulness(model, tok, EIFFEL, a.scores, (1, 3, 5))
+    for k in expected:
+        for metric in expected[k]:
+            assert got[k][metric] == pytest.approx(expected[k][metric], rel=1e-4, abs=1e-5)

@@ -1,0 +1,159 @@
+"""Batched methods equal the reference run one text at a time, whatever the budget; prefix reuse equals
+full recompute; Captum agrees; out-of-memory batches are halved and retried."""
+
+from __future__ import annotations
+
+import random
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from conftest import FAMILIES, assert_close, make_tokenizer, random_texts, tiny_llama
+
+from engine import Explainer
+from engine import reference as ref
+
+# (max_batch_size, max_batch_tokens, row_capacity): budgets that do not divide the work
+BUDGETS = [(1, 2048, 256), (3, 17, 5), (7, 64, 8), (None, 100_000, 256)]
+BATCHED = {
+    "leave_one_out": {},
+    "sliding_window": {"window_size": 2},
+    "integrated_gradients": {"n_steps": 5, "ig_method": "riemann_trapezoid"},
+}
+
+
+def _reference(method, model, tok, text, opts):
+    if method == "leave_one_out":
+        return ref.leave_one_out_attribution(model, tok, text)[0]
+    if method == "sliding_window":
+        n = len(tok(text)["input_ids"])
+        return ref.window_scores_per_token(ref.sliding_window_occlusion(model, tok, text, opts["window_size"]), n)
+    return ref.integrated_gradients(model, tok, text, opts["n_steps"], opts["ig_method"])
+
+
+@pytest.mark.parametrize("family_name", list(FAMILIES))
+@pytest.mark.parametrize("method", list(BATCHED))
+@pytest.mark.parametrize("budget", BUDGETS, ids=lambda b: f"size{b[0]}-tokens{b[1]}-row{b[2]}")
+def test_batched_equals_reference(family_name, method, budget):
+    model_fn, tok_fn = FAMILIES[family_name]
+    model, tok = model_fn(), tok_fn()
+    size, tokens, row = budget
+    ex = Explainer(model, tok, max_batch_size=size, max_batch_tokens=tokens, row_capacity=row)
+    texts = random_texts(6, 2, 12)
+    random.shuffle(texts)
+    opts = BATCHED[method]
+    for text, a in zip(texts, ex.attribute(texts, method, **opts), strict=True):
+        expected = _reference(method, model, tok, text, opts)
+        if method == "integrated_gradients":
+            expected, _, gap = expected
+            assert a.completeness_gap == pytest.approx(gap, rel=1e-4, abs=1e-5)
+        assert_close(a.scores, expected, what=f"{family_name} {method} {budget}")
+    if method == "sliding_window":
+        regions = ex.attribute(texts[0], method, **opts).regions
+        expected = ref.sliding_window_occlusion(model, tok, texts[0], opts["window_size"])
+        assert [r["start"] for r in regions] == [r["start"] for r in expected]
+
+
+@pytest.mark.parametrize("budget", BUDGETS, ids=lambda b: f"size{b[0]}-tokens{b[1]}")
+def test_faithfulness_batched_equals_reference(budget):
+    model, tok = tiny_llama(), make_tokenizer()
+    size, tokens, row = budget
+    ex = Explainer(model, tok, max_batch_size=size, max_batch_tokens=tokens, row_capacity=row)
+    for text in random_texts(3, 5, 12):
+        scores = np.random.rand(len(tok(text)["input_ids"]))
+        got = ex.faithfulness(text, scores, k_values=(1, 2, 5))
+        expected = ref.evaluate_faithfulness(model, tok, text, scores, (1, 2, 5))
+        for k in expected:
+            for metric in expected[k]:
+                assert got[k][metric] == pytest.approx(expected[k][metric], rel=1e-5, abs=1e-6), (k, metric)
+
+
+@pytest.mark.parametrize("family_name", ["llama", "gpt2"])
+def test_prefix_reuse_equals_full_recompute(family_name):
+    model_fn, tok_fn = FAMILIES[family_name]
+    model, tok = model_fn(), tok_fn()
+    texts = random_texts(8, 1, 14)
+    reuse = Explainer(model, tok, max_batch_tokens=40, row_capacity=9)
+    full = Explainer(model, tok, prefix_reuse=False, max_batch_tokens=40)
+    assert reuse.prefix_reuse and not full.prefix_reuse
+    for method, opts in (("leave_one_out", {}), ("sliding_window", {"window_size": 1})):
+        for a, b in zip(reuse.attribute(texts, method, **opts), full.attribute(texts, method, **opts), strict=True):
+            assert_close(a.scores, b.scores, what=f"{family_name} {method}")
+
+
+def test_classifiers_recompute_in_full():
+    model, tok = FAMILIES["bert"][0](), FAMILIES["bert"][1]()
+    assert not Explainer(model, tok).prefix_reuse
+
+
+def test_leave_one_out_equals_captum_feature_ablation(family):
+    from captum.attr import FeatureAblation
+
+    name, model, tok = family
+    ex = Explainer(model, tok, max_batch_tokens=50)
+    for text in random_texts(3, 2, 10):
+        a = ex.attribute(text, "leave_one_out")
+        ids = tok(text, return_tensors="pt")["input_ids"]
+
+        def prob(input_ids, target=a.target_id):
+            return ref.scored_logits_batch(model(input_ids).logits).softmax(-1)[:, target]
+
+        fill = tok.pad_token_id or 0
+        expected = FeatureAblation(prob).attribute(ids, baselines=fill, perturbations_per_eval=4)[0]
+        assert_close(a.scores, expected.detach().numpy(), what=name)
+
+
+def test_out_of_memory_halves_the_batch_and_warns_once(llama):
+    model, tok = llama
+    ex = Explainer(model, tok, max_batch_tokens=10_000)
+    texts = random_texts(4, 4, 10)
+    expected = [a.scores for a in ex.attribute(texts, "leave_one_out")]
+
+    # a real fault at the model's entry: any forward over more than 6 rows runs out of memory
+    def fail_on_big_batches(module, args, kwargs):
+        ids = kwargs.get("input_ids")
+        if ids is not None and ids.shape[0] > 6:
+            raise torch.OutOfMemoryError("CUDA out of memory (injected by the test)")
+
+    handle = model.base_model.register_forward_pre_hook(fail_on_big_batches, with_kwargs=True)
+    try:
+        ex_small_rows = Explainer(model, tok, max_batch_tokens=10_000, row_capacity=2)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            got = ex_small_rows.attribute(texts, "leave_one_out")
+    finally:
+        handle.remove()
+    oom_warnings = [w for w in caught if "out of memory" in str(w.message)]
+    assert len(oom_warnings) == 1
+    for a, e in zip(got, expected, strict=True):
+        assert_close(a.scores, e)
+
+
+def test_other_errors_are_not_retried(llama):
+    model, tok = llama
+
+    def broken(module, args, kwargs):
+        raise RuntimeError("shape mismatch somewhere")
+
+    handle = model.base_model.register_forward_pre_hook(broken, with_kwargs=True)
+    try:
+        with pytest.raises(RuntimeError, match="shape mismatch"):
+            Explainer(model, tok).attribute(["the cat sat", "a dog ran"], "leave_one_out")
+    finally:
+        handle.remove()
+
+
+def test_progress_bar_can_be_switched(llama, capsys):
+    model, tok = llama
+    texts = random_texts(20, 2, 5)
+    Explainer(model, tok, progress=False).attribute(texts, "leave_one_out")
+    assert "leave_one_out" not in capsys.readouterr().err
+    Explainer(model, tok, progress=True).attribute(texts, "leave_one_out")
+    assert "leave_one_out" in capsys.readouterr().err
+
+
+def test_bad_budgets(llama):
+    for kwargs in ({"max_batch_tokens": 0}, {"max_batch_size": -1}, {"row_capacity": 1.5}):
+        with pytest.raises(ValueError, match="positive int"):
+            Explainer(*llama, **kwargs)

@@ -1,0 +1,113 @@
+"""The scheduler alone, with a fake runner that returns deterministic outputs (no torch)."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from engine.scheduler import Scheduler, WorkItem
+
+
+def _random_requests(rng: random.Random, n_requests: int):
+    requests = {}
+    for r in range(n_requests):
+        n_items = rng.randint(1, 12)
+        group = rng.choice(["suffix", ("full", 5), ("full", 9), ("ig", 7)])
+        requests[f"req{r}"] = [
+            WorkItem(f"req{r}", i, group, rng.randint(1, 40), payload=(r, i)) for i in range(n_items)
+        ]
+    return requests
+
+
+def _fake_run(batch):
+    # a deterministic function of the payload, so a misrouted output is detected
+    return [p[0] * 1000 + p[1] for p in (item.payload for item in batch.items)]
+
+
+def _drain(scheduler):
+    batches, finished = [], {}
+    while (batch := scheduler.schedule()) is not None:
+        batches.append(batch)
+        for request, outputs in scheduler.complete(batch, _fake_run(batch)):
+            assert request not in finished, "a request finished twice"
+            finished[request] = outputs
+    return batches, finished
+
+
+@pytest.mark.parametrize("max_tokens,max_size", [(1, None), (3, 3), (7, 7), (40, 1), (64, 5), (10_000, None)])
+@pytest.mark.parametrize("seed", range(5))
+def test_every_item_once_within_budget_and_scattered_back(max_tokens, max_size, seed):
+    rng = random.Random(seed)
+    requests = _random_requests(rng, 15)
+    scheduler = Scheduler(max_tokens, max_size)
+    order = list(requests)
+    rng.shuffle(order)
+    for name in order:
+        items = requests[name][:]
+        rng.shuffle(items)  # items may arrive in any order; outputs come back in index order
+        scheduler.add(name, items)
+    batches, finished = _drain(scheduler)
+
+    seen = [(item.request, item.index) for b in batches for item in b.items]
+    assert sorted(seen) == sorted((r, i.index) for r, items in requests.items() for i in items)
+    assert len(seen) == len(set(seen))
+    for b in batches:
+        assert len({item.group for item in b.items}) == 1 and b.group == b.items[0].group
+        assert b.tokens == sum(item.tokens for item in b.items)
+        assert b.tokens <= max_tokens or len(b.items) == 1  # only a lone oversize item may exceed
+        assert max_size is None or len(b.items) <= max_size
+    assert set(finished) == set(requests)
+    for name, items in requests.items():
+        r = int(name[3:])
+        assert finished[name] == [r * 1000 + i for i in range(len(items))]
+    assert scheduler.pending_requests() == 0 and not scheduler.has_work()
+
+
+def test_results_do_not_depend_on_submission_order():
+    rng = random.Random(7)
+    requests = _random_requests(rng, 20)
+    outcomes = []
+    for seed in range(3):
+        order = list(requests)
+        random.Random(seed).shuffle(order)
+        scheduler = Scheduler(50, 6)
+        for name in order:
+            scheduler.add(name, requests[name])
+        outcomes.append(_drain(scheduler)[1])
+    assert outcomes[0] == outcomes[1] == outcomes[2]
+
+
+def test_batches_are_full_and_follow_submission_order():
+    scheduler = Scheduler(max_batch_tokens=10)
+    scheduler.add("a", [WorkItem("a", i, "g", 3, (0, i)) for i in range(4)])
+    scheduler.add("b", [WorkItem("b", i, "g", 3, (1, i)) for i in range(2)])
+    batches, _ = _drain(scheduler)
+    assert [[(i.request, i.index) for i in b.items] for b in batches] == [
+        [("a", 0), ("a", 1), ("a", 2)],
+        [("a", 3), ("b", 0), ("b", 1)],
+    ]
+
+
+def test_oversize_item_runs_alone():
+    scheduler = Scheduler(max_batch_tokens=5)
+    scheduler.add("a", [WorkItem("a", i, "g", cost, (0, i)) for i, cost in enumerate([2, 9, 2])])
+    batches, finished = _drain(scheduler)
+    assert [len(b.items) for b in batches] == [1, 1, 1]
+    assert finished["a"] == [0, 1, 2]
+
+
+def test_bad_use_is_rejected():
+    with pytest.raises(ValueError, match="max_batch_tokens"):
+        Scheduler(0)
+    with pytest.raises(ValueError, match="max_batch_size"):
+        Scheduler(10, 0)
+    scheduler = Scheduler(10)
+    scheduler.add("a", [WorkItem("a", 0, "g", 1)])
+    with pytest.raises(ValueError, match="already added"):
+        scheduler.add("a", [WorkItem("a", 0, "g", 1)])
+    with pytest.raises(ValueError, match="indices"):
+        scheduler.add("b", [WorkItem("b", 1, "g", 1)])
+    batch = scheduler.schedule()
+    with pytest.raises(ValueError, match="outputs"):
+        scheduler.complete(batch, [])
