@@ -12,7 +12,6 @@ import dataclasses
 from collections.abc import Sequence
 
 import numpy as np
-import torch
 
 from . import methods
 from . import reference as ref
@@ -226,20 +225,13 @@ class Explainer:
             raise ValueError("text produced no tokens")
         if n > self.max_length:
             raise ValueError(f"text has {n} tokens; this model accepts at most {self.max_length}")
-        with torch.no_grad():
-            logits = ref.scored_logits(self.model(**{k: v.to(self.model.device) for k, v in inputs.items()}).logits)
-        probs = torch.softmax(logits.float(), dim=-1)
-        target_id = self._resolve_target(target)
-        if target_id is None:
-            target_id = int(probs.argmax())
         read_pos = 0 if self.kind == CLASSIFIER and classifier_reads_first_token(self.model) else n - 1
         return PreparedText(
             index=index,
             text=text,
             input_ids=tuple(inputs["input_ids"][0].tolist()),
             tokens=tuple(tokens),
-            target_id=target_id,
-            target_prob=float(probs[target_id]),
+            target_id=self._resolve_target(target),
             read_pos=read_pos,
         )
 

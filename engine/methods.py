@@ -3,7 +3,8 @@
 The perturbation methods and integrated gradients expand each text into work items
 (`expand_*`), run every item of every text through one `BatchRunner.run` (the scheduler packs them
 into token-budgeted batches), and reduce each text's outputs (`reduce_*`) into the fields of an
-`Attribution`. The attention methods still run the reference one text at a time.
+`Attribution`. The attention methods run equal-length texts together, one forward (and for
+`grad_attention` one backward) per batch.
 """
 
 from __future__ import annotations
@@ -158,38 +159,84 @@ def faithfulness(ex, p: PreparedText, scores: np.ndarray, ks: tuple[int, ...]) -
     }
 
 
-# ------------------------------------------------------------------------ attention methods (reference)
+# ------------------------------------------------------------------------------------ attention methods
+
+
+def _equal_length_batches(ex, texts: list[PreparedText]):
+    """Texts grouped by exact length (no padding) into batches under the engine's budgets."""
+    from .scheduler import Scheduler
+
+    scheduler = Scheduler(ex.runner.max_batch_tokens, ex.runner.max_batch_size)
+    by_index = {p.index: p for p in texts}
+    for p in texts:
+        n = len(p.input_ids)
+        scheduler.add(p.index, [WorkItem(p.index, 0, ("attn", n), n)])
+    while (batch := scheduler.schedule()) is not None:
+        scheduler.complete(batch, [None] * len(batch.items))
+        yield [by_index[item.request] for item in batch.items]
+
+
+def _forward_with_attentions(ex, batch: list[PreparedText], need_grad: bool):
+    import torch
+
+    from .models import eager_attention
+
+    ids = torch.tensor([p.input_ids for p in batch], device=ex.model.device)
+    with eager_attention(ex.model), torch.set_grad_enabled(need_grad):
+        if not need_grad:
+            return None, ex.model(input_ids=ids, output_attentions=True).attentions
+        embeds = ex.model.get_input_embeddings()(ids).detach().requires_grad_(True)
+        out = ex.model(inputs_embeds=embeds, output_attentions=True)
+        logits = out.logits[:, batch[0].read_pos] if out.logits.dim() == 3 else out.logits
+        targets = torch.tensor([p.target_id for p in batch], device=logits.device)
+        return logits.gather(-1, targets[:, None]).sum(), out.attentions
 
 
 def run_raw_attention(ex, texts, opts):
-    return [
-        {"scores": ref.extract_raw_attention(ex.model, ex.tokenizer, t.text, opts.layer, t.read_pos)} for t in texts
-    ]
+    results = {}
+    for batch in _equal_length_batches(ex, texts):
+        _, attentions = _forward_with_attentions(ex, batch, need_grad=False)
+        fused = attentions[opts.layer].float().mean(dim=1)  # (B, S, S), mean over heads
+        for b, p in enumerate(batch):
+            results[p.index] = {"scores": fused[b, p.read_pos].cpu().numpy()}
+    return [results[p.index] for p in texts]
 
 
 def run_rollout(ex, texts, opts):
-    out = []
-    for t in texts:
-        row, matrix = ref.compute_rollout(
-            ex.model,
-            ex.tokenizer,
-            t.text,
-            opts.head_fusion,
-            opts.discard_ratio,
-            opts.causal_quantile,
-            read_pos=t.read_pos,
-            return_matrix=True,
-        )
-        out.append({"scores": row, "matrix": matrix})
-    return out
+    from kernels import rollout
+
+    results = {}
+    for batch in _equal_length_batches(ex, texts):
+        _, attentions = _forward_with_attentions(ex, batch, need_grad=False)
+        # fuse each layer's heads at once and drop the (B, H, S, S) tensors: L x (B, S, S) are kept
+        fused = [ref.fuse_heads(a.float(), opts.head_fusion) for a in attentions]
+        del attentions
+        kwargs = {"discard_ratio": opts.discard_ratio, "causal_quantile": opts.causal_quantile, "fused": True}
+        if opts.full_matrix:
+            matrix = rollout(fused, **kwargs).cpu().numpy()
+            for b, p in enumerate(batch):
+                results[p.index] = {"scores": matrix[b, p.read_pos], "matrix": matrix[b]}
+        else:
+            rows = rollout(fused, rows=[p.read_pos for p in batch], **kwargs).cpu().numpy()
+            for b, p in enumerate(batch):
+                results[p.index] = {"scores": rows[b]}
+    return [results[p.index] for p in texts]
 
 
 def run_grad_attention(ex, texts, opts):
-    out = []
-    for t in texts:
-        matrix, _ = ref.gradient_weighted_attention(ex.model, ex.tokenizer, t.text, t.read_pos, t.target_id)
-        out.append({"scores": matrix[t.read_pos], "matrix": matrix})
-    return out
+    import torch
+
+    results = {}
+    for batch in _equal_length_batches(ex, texts):
+        # one forward and one backward per batch: rows are independent, so the gradient of the sum of
+        # every row's target logit gives each row its own gradient w.r.t. every layer's attention
+        target_sum, attentions = _forward_with_attentions(ex, batch, need_grad=True)
+        grads = torch.autograd.grad(target_sum, attentions)
+        weighted = torch.stack([(a * g).float().mean(dim=1) for a, g in zip(attentions, grads, strict=True)])
+        matrix = weighted.mean(dim=0).detach().cpu().numpy()  # (B, S, S)
+        for b, p in enumerate(batch):
+            results[p.index] = {"scores": matrix[b, p.read_pos], "matrix": matrix[b]}
+    return [results[p.index] for p in texts]
 
 
 RUNNERS = {

@@ -37,6 +37,7 @@ class RolloutOptions:
     head_fusion: str = "mean"
     discard_ratio: float = 0.0
     causal_quantile: bool = False  # take the discard quantile over the lower triangle only
+    full_matrix: bool = True  # also return the (S, S) rollout; False computes only the row read (O(L S^2))
 
     def __post_init__(self):
         _check_choice("head_fusion", self.head_fusion, HEAD_FUSIONS)
@@ -44,8 +45,9 @@ class RolloutOptions:
             raise TypeError(f"discard_ratio must be a float, got {self.discard_ratio!r}")
         if not 0.0 <= self.discard_ratio < 1.0:
             raise ValueError(f"discard_ratio must be in [0, 1), got {self.discard_ratio}")
-        if not isinstance(self.causal_quantile, bool):
-            raise TypeError(f"causal_quantile must be a bool, got {self.causal_quantile!r}")
+        for name in ("causal_quantile", "full_matrix"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"{name} must be a bool, got {getattr(self, name)!r}")
 
 
 @dataclass(frozen=True)
