@@ -1,8 +1,10 @@
 """The runner: executes the scheduler's batches on the model's device.
 
 Three kinds of work item (the first element of an item's group):
-- "full": an equal-length sequence scored at its read position (clean texts, classifiers, or
-  causal LMs with prefix reuse switched off);
+- "full": an equal-length sequence scored at its read position (classifiers, or causal LMs with
+  prefix reuse switched off);
+- "packed": a whole sequence of a causal LM, packed end to end with others of any length (the clean
+  pass);
 - "suffix": a perturbation of a causal LM run from its first changed token over the clean
   prefix cache (`forward.packed_suffix_forward`);
 - "ig": one integrated-gradients step of one text (forward and backward, grads w.r.t. the input
@@ -22,7 +24,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .forward import Suffix, _head_logits, clean_cache, full_forward, packed_suffix_forward, score_logits
+from .forward import Suffix, _head_logits, full_forward, packed_clean_caches, packed_suffix_forward, score_logits
 from .models import CLASSIFIER
 from .scheduler import Batch, Scheduler, WorkItem
 
@@ -172,6 +174,8 @@ class BatchRunner:
         payloads = [item.payload for item in batch.items]
         if kind == "full":
             return self._run_full(payloads)
+        if kind == "packed":
+            return self._run_packed(payloads)
         if kind == "suffix":
             return self._run_suffixes(payloads)
         if kind == "ig":
@@ -195,11 +199,20 @@ class BatchRunner:
         )
 
     @torch.no_grad()
+    def _run_packed(self, payloads: list[FullPayload]) -> list[ForwardOutput]:
+        """Whole sequences of any lengths packed end to end (causal LMs): no padding, no length groups."""
+        suffixes = [Suffix(0, 0, p.ids) for p in payloads]
+        hidden = packed_suffix_forward(self.model, [], suffixes, self.row_capacity)
+        need_prob = any(p.need_prob for p in payloads)
+        return self._outputs(score_logits(_head_logits(self.model, hidden), [p.target for p in payloads], need_prob))
+
+    @torch.no_grad()
     def _run_suffixes(self, payloads: list[SuffixPayload]) -> list[ForwardOutput]:
         keys = list(dict.fromkeys(p.text for p in payloads))
-        for key in keys:
-            if key not in self._caches:
-                self._caches[key] = clean_cache(self.model, torch.tensor(self._texts[key]))
+        missing = [key for key in keys if key not in self._caches]
+        if missing:  # the clean prefixes of every text new to this batch, in one packed forward
+            built = packed_clean_caches(self.model, [self._texts[k] for k in missing], self.row_capacity)
+            self._caches.update(zip(missing, built, strict=True))
         slot = {key: i for i, key in enumerate(keys)}
         suffixes = [Suffix(slot[p.text], p.start, p.ids) for p in payloads]
         hidden = packed_suffix_forward(self.model, [self._caches[k] for k in keys], suffixes, self.row_capacity)

@@ -95,10 +95,18 @@ def pack_rows(lengths: list[int], capacity: int) -> list[list[int]]:
     return rows
 
 
-def packed_suffix_forward(model, caches, suffixes: list[Suffix], row_capacity: int):
+def packed_clean_caches(model, texts: list[tuple[int, ...]], row_capacity: int) -> list[list]:
+    """`clean_cache` of several texts from one packed forward (each text a suffix starting at 0)."""
+    suffixes = [Suffix(0, 0, ids) for ids in texts]
+    _, caches = packed_suffix_forward(model, [], suffixes, row_capacity, return_caches=True)
+    return caches
+
+
+def packed_suffix_forward(model, caches, suffixes: list[Suffix], row_capacity: int, return_caches: bool = False):
     """Hidden state at the last token of each suffix, (len(suffixes), hidden), via the prefix caches.
 
     `caches[t]` is `clean_cache` of text t. Keys of a row: [all texts' cached positions | the row].
+    With `return_caches`, also each suffix's own per-layer (keys, values), each (1, kv_heads, n, d).
     """
     device = model.device
     offsets, total = [], 0
@@ -114,6 +122,7 @@ def packed_suffix_forward(model, caches, suffixes: list[Suffix], row_capacity: i
     positions = torch.zeros(n_rows, width, dtype=torch.long)
     allowed = torch.zeros(n_rows, width, total + width, dtype=torch.bool)
     ends = [None] * len(suffixes)
+    starts = [None] * len(suffixes)
     for r, row in enumerate(rows):
         at = 0
         for i in row:
@@ -121,10 +130,11 @@ def packed_suffix_forward(model, caches, suffixes: list[Suffix], row_capacity: i
             n = lengths[i]
             ids[r, at : at + n] = torch.tensor(s.ids)
             positions[r, at : at + n] = torch.arange(s.start, s.start + n)
-            prefix = offsets[s.text]
+            prefix = offsets[s.text] if s.start else 0  # a suffix from 0 reads no prefix
             allowed[r, at : at + n, prefix : prefix + s.start] = True  # the clean prefix
             allowed[r, at : at + n, total + at : total + at + n] = torch.ones(n, n, dtype=torch.bool).tril()
             ends[i] = (r, at + n - 1)
+            starts[i] = (r, at)
             at += n
         # padding queries attend to themselves only, so no softmax row is empty (NaN)
         pad = torch.arange(at, width)
@@ -134,23 +144,40 @@ def packed_suffix_forward(model, caches, suffixes: list[Suffix], row_capacity: i
     mask = torch.zeros(allowed.shape, dtype=dtype).masked_fill_(~allowed, _BLOCKED)[:, None]
     from transformers import DynamicCache
 
-    cache = DynamicCache(
-        ddp_cache_data=[
-            (
-                torch.cat([layers[li][0] for layers in caches], dim=-2).expand(n_rows, -1, -1, -1),
-                torch.cat([layers[li][1] for layers in caches], dim=-2).expand(n_rows, -1, -1, -1),
-            )
-            for li in range(len(caches[0]))
-        ]
+    cache = (
+        DynamicCache()
+        if not caches
+        else DynamicCache(
+            ddp_cache_data=[
+                (
+                    torch.cat([layers[li][0] for layers in caches], dim=-2).expand(n_rows, -1, -1, -1),
+                    torch.cat([layers[li][1] for layers in caches], dim=-2).expand(n_rows, -1, -1, -1),
+                )
+                for li in range(len(caches[0]))
+            ]
+        )
     )
     base, _ = _base_and_head(model)
-    hidden = base(
+    out = base(
         input_ids=ids.to(device),
         position_ids=positions.to(device),
         attention_mask=mask.to(device),
         past_key_values=cache,
         use_cache=True,
-    ).last_hidden_state
+    )
     r_idx = torch.tensor([e[0] for e in ends], device=device)
     c_idx = torch.tensor([e[1] for e in ends], device=device)
-    return hidden[r_idx, c_idx]
+    hidden = out.last_hidden_state[r_idx, c_idx]
+    if not return_caches:
+        return hidden
+    own = []
+    for (r, at), n in zip(starts, lengths, strict=True):
+        cols = slice(total + at, total + at + n)
+        # clone: a view would keep the whole batch's cache alive as long as any one text's is
+        own.append(
+            [
+                (layer.keys[r : r + 1, :, cols].clone(), layer.values[r : r + 1, :, cols].clone())
+                for layer in out.past_key_values.layers
+            ]
+        )
+    return hidden, own

@@ -64,12 +64,14 @@ def run_items(ex, texts: list[PreparedText], expand, desc: str) -> dict:
 
 
 def clean_pass(ex, texts: list[PreparedText]) -> list[PreparedText]:
-    """Score every clean text once (batched by length): the prediction, its probability and logit."""
+    """Score every clean text once: the prediction, its probability and logit. Causal LMs pack texts
+    of any length end to end; classifiers batch texts of equal length."""
     import dataclasses
 
     def expand(p):
-        payload = FullPayload(p.input_ids, p.target_id, need_prob=True)
-        return [WorkItem(p.index, 0, ("full", len(p.input_ids)), len(p.input_ids), payload)]
+        n = len(p.input_ids)
+        group = ("packed",) if ex.prefix_reuse else ("full", n)
+        return [WorkItem(p.index, 0, group, n, FullPayload(p.input_ids, p.target_id, need_prob=True))]
 
     outputs = run_items(ex, texts, expand, "clean pass")
     done = []

@@ -157,3 +157,18 @@ def test_bad_budgets(llama):
     for kwargs in ({"max_batch_tokens": 0}, {"max_batch_size": -1}, {"row_capacity": 1.5}):
         with pytest.raises(ValueError, match="positive int"):
             Explainer(*llama, **kwargs)
+
+
+@pytest.mark.parametrize("family_name", ["llama", "gpt2"])
+def test_packed_clean_caches_equal_one_text_caches(family_name):
+    from engine.forward import clean_cache, packed_clean_caches
+
+    model_fn, tok_fn = FAMILIES[family_name]
+    model, tok = model_fn(), tok_fn()
+    texts = [tuple(tok(t)["input_ids"]) for t in random_texts(5, 1, 12)]
+    with torch.no_grad():
+        packed = packed_clean_caches(model, texts, row_capacity=10)
+        for ids, layers in zip(texts, packed, strict=True):
+            for (k, v), (k_ref, v_ref) in zip(layers, clean_cache(model, torch.tensor(ids)), strict=True):
+                torch.testing.assert_close(k, k_ref, rtol=1e-5, atol=1e-6)
+                torch.testing.assert_close(v, v_ref, rtol=1e-5, atol=1e-6)
