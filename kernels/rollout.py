@@ -11,8 +11,12 @@ block are 0. `rows` (B,): target positions; `rows=None` returns the full (B, S, 
 e_t^T A'_L ... A'_1 (O(L S^2) per sequence instead of O(L S^3)).
 
 Semantics are `engine.reference.attention_rollout` (fusion, discard with a row left empty becoming
-e_i, `0.5 A + 0.5 I`). Backends: "torch" (batched bmm; the CPU path and the oracle for any fused
-kernel) and "auto" (torch here). A fused Triton kernel is not written yet: "triton" raises.
+e_i, `0.5 A + 0.5 I`). Backends: "torch" (batched bmm; the CPU path and the oracle for the kernels),
+"triton" (one launch per layer: heads fused while tiles load, discard threshold and row scale applied
+on load, residual added, product accumulated; the fused matrix is never written), and "auto" (Triton
+for CUDA tensors, torch otherwise; `backend="triton"` on CPU tensors needs TRITON_INTERPRET=1).
+`discard_ratio > 0` needs each matrix's quantile first: a torch pre-pass computes thresholds and
+row scales (`_discard_params`).
 
 Memory traffic of the torch path per layer: read B*H*S*S (fusion), write and read B*S*S (fused
 matrix), plus the product: B*S*S*S multiply-adds for the full matrix, B*S*S for a row.
@@ -20,6 +24,7 @@ matrix), plus the product: B*S*S*S multiply-adds for the full matrix, B*S*S for 
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 
 import torch
@@ -82,6 +87,139 @@ def rollout_torch(
     return v[:, 0] * inside
 
 
+# ------------------------------------------------------------------------------------------ Triton
+
+
+def _discard_params(fused_layer: torch.Tensor, lengths, discard_ratio: float, causal_quantile: bool):
+    """The discard pre-pass: per sequence the threshold, per row 1 / (kept row sum) and an empty flag.
+
+    The kernels apply `F[i, j] * (F[i, j] >= thr) * scale[i]`, and e_i for an empty row, which is
+    `engine.reference.discard_low_attention` (that function stays the one statement of the policy)."""
+    batch, size = fused_layer.shape[0], fused_layer.shape[-1]
+    thr = torch.full((batch,), float("-inf"), device=fused_layer.device)
+    scale = torch.ones(batch, size, device=fused_layer.device)
+    empty = torch.zeros(batch, size, dtype=torch.int8, device=fused_layer.device)
+    if discard_ratio <= 0:
+        return thr, scale, empty
+    for b, n in enumerate(lengths):
+        f = fused_layer[b, :n, :n].float()
+        if causal_quantile:
+            r, c = torch.tril_indices(n, n, device=f.device)
+            values = f[r, c]
+        else:
+            values = f.flatten()
+        thr[b] = values.quantile(discard_ratio)
+        sums = (f * (f >= thr[b])).sum(-1)
+        scale[b, :n] = torch.where(sums > 0, 1.0 / torch.where(sums > 0, sums, 1.0), 0.0)
+        empty[b, :n] = (sums == 0).to(torch.int8)
+    return thr, scale, empty
+
+
+def _block_sizes(size: int) -> tuple[int, int]:
+    import triton
+
+    if size < 1:
+        raise ValueError(f"sequence length must be >= 1, got {size}")
+    block = min(64, max(16, triton.next_power_of_2(size)))  # tl.dot needs >= 16
+    return block, block
+
+
+_FUSION_CODE = {"mean": 0, "max": 1, "min": 2}
+
+
+def rollout_triton(attentions, head_fusion="mean", discard_ratio=0.0, lengths=None, rows=None, causal_quantile=False):
+    """Host wrapper: check, allocate, build the grid, launch one step per layer (last layer first for rows)."""
+    from ._rollout_triton import rollout_full_step as full_step
+    from ._rollout_triton import rollout_row_step as row_step
+
+    first = attentions[0]
+    batch, heads, size = first.shape[0], first.shape[1], first.shape[-1]
+    device = first.device
+    lengths_list = [size] * batch if lengths is None else [int(x) for x in lengths]
+    lens = torch.tensor(lengths_list, dtype=torch.int32, device=device)
+    block_m, block_k = _block_sizes(size)
+    fusion = _FUSION_CODE[head_fusion]
+    layers = [a.contiguous() for a in attentions]
+    params = []
+    for a in layers:
+        fused = None
+        if discard_ratio > 0:  # the quantile needs the fused matrix: a separate pass, as documented
+            from engine.reference import fuse_heads
+
+            fused = fuse_heads(a.float(), head_fusion)
+        params.append(
+            _discard_params(fused if fused is not None else a[:, 0], lengths_list, discard_ratio, causal_quantile)
+        )
+    inside = torch.arange(size, device=device)[None, :] < lens[:, None]
+    if rows is not None:
+        rows_t = torch.as_tensor(rows, device=device).long()
+        v = torch.nn.functional.one_hot(rows_t, size).float().contiguous()
+        w = torch.empty_like(v)
+        grid = (batch, triton_cdiv(size, block_m))
+        for a, (thr, scale, empty) in zip(reversed(layers), reversed(params), strict=True):
+            row_step[grid](
+                a,
+                v,
+                w,
+                lens,
+                thr,
+                scale,
+                empty,
+                size,
+                a.stride(0),
+                a.stride(1),
+                a.stride(2),
+                a.stride(3),
+                v.stride(0),
+                scale.stride(0),
+                H=heads,
+                FUSION=fusion,
+                BLOCK_I=block_m,
+                BLOCK_J=block_m,
+            )
+            v, w = w, v
+        return v * inside
+    r = torch.eye(size, device=device).expand(batch, size, size).contiguous()
+    out = torch.empty_like(r)
+    grid = (batch, triton_cdiv(size, block_m), triton_cdiv(size, block_k))
+    for a, (thr, scale, empty) in zip(layers, params, strict=True):
+        full_step[grid](
+            a,
+            r,
+            out,
+            lens,
+            thr,
+            scale,
+            empty,
+            size,
+            a.stride(0),
+            a.stride(1),
+            a.stride(2),
+            a.stride(3),
+            r.stride(0),
+            r.stride(1),
+            scale.stride(0),
+            H=heads,
+            FUSION=fusion,
+            BLOCK_M=block_m,
+            BLOCK_K=block_k,
+        )
+        r, out = out, r
+    return r * (inside[:, :, None] & inside[:, None, :])
+
+
+def triton_cdiv(a: int, b: int) -> int:
+    return (a + b - 1) // b
+
+
+def triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 def rollout(
     attentions: Sequence[torch.Tensor],
     head_fusion: str = "mean",
@@ -115,6 +253,15 @@ def rollout(
         limits = lengths if lengths is not None else [size] * shape[0]
         if len(rows) != shape[0] or any(not 0 <= int(r) < int(n) for r, n in zip(rows, limits, strict=True)):
             raise ValueError("rows must give one position per sequence, inside its length")
+    if backend == "auto":
+        backend = "triton" if attentions[0].is_cuda and not fused and triton_available() else "torch"
+    on_gpu = attentions[0].is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
     if backend == "triton":
-        raise NotImplementedError("the fused Triton rollout kernel is not written yet; use backend='torch'")
+        if fused:
+            raise ValueError("the Triton backend fuses heads itself: pass (B, H, S, S) layers, fused=False")
+        if not triton_available():
+            raise ValueError("backend='triton' needs the triton package")
+        if not on_gpu:
+            raise ValueError("backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 for the interpreter)")
+        return rollout_triton(attentions, head_fusion, discard_ratio, lengths, rows, causal_quantile)
     return rollout_torch(attentions, head_fusion, discard_ratio, lengths, rows, causal_quantile, fused)

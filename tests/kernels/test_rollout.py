@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -60,5 +62,32 @@ def test_prefused_layers_and_bad_input():
         rollout(layers, lengths=[3, 6], rows=[3, 0])
     with pytest.raises(ValueError, match="same shape"):
         rollout([layers[0], layers[1][:, :, :5, :5]])
-    with pytest.raises(NotImplementedError, match="Triton"):
-        rollout(layers, backend="triton")
+    if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+        with pytest.raises(ValueError, match="needs CUDA"):
+            rollout(layers, backend="triton")
+    with pytest.raises(ValueError, match="fuses heads itself"):
+        rollout(fused, backend="triton", fused=True)
+
+
+# ------------------------------------------------------------------ Triton, under the CPU interpreter
+
+triton = pytest.importorskip("triton")
+
+
+@pytest.mark.parametrize("fusion", ["mean", "max", "min"])
+@pytest.mark.parametrize("discard", [0.0, 0.5, 0.9])
+@pytest.mark.parametrize("sizes", [[1], [5, 17, 3], [23], [70, 13]])  # 70: more than one 64-wide tile
+def test_triton_kernels_within_3x_of_torch_fp32_error(fusion, discard, sizes):
+    g = torch.Generator().manual_seed(hash((fusion, discard, tuple(sizes))) % 2**31)
+    size = max(sizes)
+    layers64 = _attentions(3, len(sizes), 3, size, sizes, g)
+    layers32 = [a.float() for a in layers64]
+    rows = [n - 1 for n in sizes]
+    for kwargs in ({}, {"rows": rows}):
+        exact = rollout(layers64, fusion, discard, lengths=sizes, backend="torch", **kwargs)
+        torch32 = rollout(layers32, fusion, discard, lengths=sizes, backend="torch", **kwargs)
+        kernel = rollout(layers32, fusion, discard, lengths=sizes, backend="triton", **kwargs)
+        assert kernel.shape == exact.shape
+        torch_err = (torch32.double() - exact).abs().max().item()
+        kernel_err = (kernel.double() - exact).abs().max().item()
+        assert kernel_err <= 3 * torch_err + 1e-6, (kwargs, kernel_err, torch_err)
