@@ -78,10 +78,14 @@ class Explainer:
         )
 
     @classmethod
-    def from_pretrained(cls, name_or_path: str = DEFAULT_MODEL, **load_kwargs) -> Explainer:
-        """ "smollm2" (the embedded default), a Hugging Face id or a local folder; see `load_model`."""
-        model, tokenizer = load_model(name_or_path, **load_kwargs)
-        return cls(model, tokenizer)
+    def from_pretrained(cls, name_or_path: str = DEFAULT_MODEL, *, kind: str = "auto", dtype=None, device=None,
+                        **explainer_options) -> Explainer:
+        """"smollm2" (the embedded default), a Hugging Face id or a local folder (see `load_model`);
+        `explainer_options` are the constructor's (max_batch_tokens, prefix_reuse, progress, ...)."""
+        import torch
+
+        model, tokenizer = load_model(name_or_path, kind=kind, dtype=dtype or torch.float32, device=device)
+        return cls(model, tokenizer, **explainer_options)
 
     # ----------------------------------------------------------------------------------- public calls
 

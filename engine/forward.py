@@ -6,9 +6,9 @@
   path for sequence classifiers, whose attention may be bidirectional).
 - `packed_suffix_forward`: the prefix-reuse path for causal LMs. A perturbation whose first changed
   token is s leaves positions < s unchanged, so it runs only its suffix, attending to the clean text's
-  key/value cache for the prefix. Suffixes of several texts are packed end to end into rows with a
-  block-structured 4-D mask over the concatenated clean caches; each suffix sees its own text's
-  first s cached positions and itself, causally.
+  key/value cache for the prefix. Suffixes are packed end to end into rows, text by text; each row
+  carries the clean caches of the texts it serves (not of the whole batch) and a block-structured 4-D
+  mask lets each suffix see its own text's first s cached positions and itself, causally.
 """
 
 from __future__ import annotations
@@ -78,20 +78,34 @@ class Suffix:
     ids: tuple[int, ...]  # the perturbed tokens from position s to the end
 
 
-def pack_rows(lengths: list[int], capacity: int) -> list[list[int]]:
-    """First-fit decreasing: item indices per row, each row's total length <= max(capacity, longest)."""
-    capacity = max(capacity, max(lengths))
+def pack_rows(lengths: list[int], texts: list[int], prefix_lengths: list[int], capacity: int) -> list[list[int]]:
+    """Pack suffixes into rows: item indices per row.
+
+    First-fit over items taken text by text, longest first. A row holds at most `capacity` suffix
+    tokens (or one longer suffix) and the cached prefixes of at most `capacity` tokens of the texts
+    it serves (or one text's), so each row attends to its own texts' prefixes only, not to every
+    text of the batch. `prefix_lengths[i]` is the cached length item i needs (0 for none).
+    """
     rows: list[list[int]] = []
     room: list[int] = []
-    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
-        for r, free in enumerate(room):
-            if lengths[i] <= free:
+    prefix_room: list[int] = []
+    row_texts: list[set[int]] = []
+    for i in sorted(range(len(lengths)), key=lambda i: (texts[i], -lengths[i])):
+        need = prefix_lengths[i]
+        for r in range(len(rows)):
+            new_text = need > 0 and texts[i] not in row_texts[r]
+            if lengths[i] <= room[r] and (not new_text or need <= prefix_room[r]):
                 rows[r].append(i)
                 room[r] -= lengths[i]
+                if new_text:
+                    row_texts[r].add(texts[i])
+                    prefix_room[r] -= need
                 break
         else:
             rows.append([i])
-            room.append(capacity - lengths[i])
+            room.append(max(capacity, lengths[i]) - lengths[i])
+            row_texts.append({texts[i]} if need else set())
+            prefix_room.append(max(capacity, need) - need)
     return rows
 
 
@@ -109,12 +123,21 @@ def packed_suffix_forward(model, caches, suffixes: list[Suffix], row_capacity: i
     With `return_caches`, also each suffix's own per-layer (keys, values), each (1, kv_heads, n, d).
     """
     device = model.device
-    offsets, total = [], 0
-    for layers in caches:
-        offsets.append(total)
-        total += layers[0][0].shape[-2]
+    cached = [layers[0][0].shape[-2] for layers in caches]  # cached length of each text
     lengths = [len(s.ids) for s in suffixes]
-    rows = pack_rows(lengths, row_capacity)
+    needs = [cached[s.text] if s.start > 0 else 0 for s in suffixes]
+    rows = pack_rows(lengths, [s.text for s in suffixes], needs, row_capacity)
+    # each row's prefix: the caches of the texts its suffixes read, end to end
+    row_offsets = []
+    for row in rows:
+        offsets, at = {}, 0
+        for i in row:
+            t = suffixes[i].text
+            if needs[i] and t not in offsets:
+                offsets[t] = at
+                at += cached[t]
+        row_offsets.append(offsets)
+    total = max((sum(cached[t] for t in offs) for offs in row_offsets), default=0)
     width = max(sum(lengths[i] for i in row) for row in rows)
     n_rows = len(rows)
 
@@ -130,8 +153,9 @@ def packed_suffix_forward(model, caches, suffixes: list[Suffix], row_capacity: i
             n = lengths[i]
             ids[r, at : at + n] = torch.tensor(s.ids)
             positions[r, at : at + n] = torch.arange(s.start, s.start + n)
-            prefix = offsets[s.text] if s.start else 0  # a suffix from 0 reads no prefix
-            allowed[r, at : at + n, prefix : prefix + s.start] = True  # the clean prefix
+            if s.start:
+                prefix = row_offsets[r][s.text]
+                allowed[r, at : at + n, prefix : prefix + s.start] = True  # the clean prefix
             allowed[r, at : at + n, total + at : total + at + n] = torch.ones(n, n, dtype=torch.bool).tril()
             ends[i] = (r, at + n - 1)
             starts[i] = (r, at)
@@ -144,19 +168,19 @@ def packed_suffix_forward(model, caches, suffixes: list[Suffix], row_capacity: i
     mask = torch.zeros(allowed.shape, dtype=dtype).masked_fill_(~allowed, _BLOCKED)[:, None]
     from transformers import DynamicCache
 
-    cache = (
-        DynamicCache()
-        if not caches
-        else DynamicCache(
-            ddp_cache_data=[
-                (
-                    torch.cat([layers[li][0] for layers in caches], dim=-2).expand(n_rows, -1, -1, -1),
-                    torch.cat([layers[li][1] for layers in caches], dim=-2).expand(n_rows, -1, -1, -1),
-                )
-                for li in range(len(caches[0]))
-            ]
-        )
-    )
+    cache = DynamicCache()
+    if total:
+        layer_kv = []
+        for li in range(len(caches[0])):
+            k0, v0 = caches[0][li]
+            keys = k0.new_zeros(n_rows, k0.shape[1], total, k0.shape[3])
+            values = v0.new_zeros(n_rows, v0.shape[1], total, v0.shape[3])
+            for r, offsets in enumerate(row_offsets):
+                for t, off in offsets.items():
+                    keys[r, :, off : off + cached[t]] = caches[t][li][0][0]
+                    values[r, :, off : off + cached[t]] = caches[t][li][1][0]
+            layer_kv.append((keys, values))
+        cache = DynamicCache(ddp_cache_data=layer_kv)
     base, _ = _base_and_head(model)
     out = base(
         input_ids=ids.to(device),
