@@ -78,13 +78,20 @@ class Explainer:
         )
 
     @classmethod
-    def from_pretrained(cls, name_or_path: str = DEFAULT_MODEL, *, kind: str = "auto", dtype=None, device=None,
-                        **explainer_options) -> Explainer:
-        """"smollm2" (the embedded default), a Hugging Face id or a local folder (see `load_model`);
-        `explainer_options` are the constructor's (max_batch_tokens, prefix_reuse, progress, ...)."""
+    def from_pretrained(
+        cls, name_or_path: str = DEFAULT_MODEL, *, kind: str = "auto", dtype=None, device=None, **explainer_options
+    ) -> Explainer:
+        """ "smollm2" (the embedded default), a Hugging Face id or a local folder (see `load_model`);
+        `dtype`: "float32" (default) or "bfloat16" (the model runs in bf16; scores are accumulated in
+        float32). `explainer_options` are the constructor's (max_batch_tokens, prefix_reuse, ...)."""
         import torch
 
-        model, tokenizer = load_model(name_or_path, kind=kind, dtype=dtype or torch.float32, device=device)
+        dtypes = {None: torch.float32, "float32": torch.float32, "bfloat16": torch.bfloat16}
+        if dtype in dtypes:
+            dtype = dtypes[dtype]
+        elif not isinstance(dtype, torch.dtype):
+            raise ValueError(f"dtype must be one of {list(dtypes)[1:]} or a torch.dtype, got {dtype!r}")
+        model, tokenizer = load_model(name_or_path, kind=kind, dtype=dtype, device=device)
         return cls(model, tokenizer, **explainer_options)
 
     # ----------------------------------------------------------------------------------- public calls

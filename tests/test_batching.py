@@ -172,3 +172,20 @@ def test_packed_clean_caches_equal_one_text_caches(family_name):
             for (k, v), (k_ref, v_ref) in zip(layers, clean_cache(model, torch.tensor(ids)), strict=True):
                 torch.testing.assert_close(k, k_ref, rtol=1e-5, atol=1e-6)
                 torch.testing.assert_close(v, v_ref, rtol=1e-5, atol=1e-6)
+
+
+def test_bfloat16_model_runs_and_stays_close_to_float32(tmp_path):
+    model, tok = tiny_llama(), make_tokenizer()
+    model.save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    fp32 = Explainer.from_pretrained(str(tmp_path))
+    bf16 = Explainer.from_pretrained(str(tmp_path), dtype="bfloat16", max_batch_tokens=30, row_capacity=7)
+    assert next(bf16.model.parameters()).dtype == torch.bfloat16
+    texts = random_texts(4, 3, 10)
+    for method, opts in (("leave_one_out", {}), ("integrated_gradients", {"n_steps": 4})):
+        for a, b in zip(fp32.attribute(texts, method, **opts), bf16.attribute(texts, method, **opts), strict=True):
+            assert b.scores.dtype == np.float64 and np.isfinite(b.scores).all()
+            if a.target_id == b.target_id:  # bf16 has 8 bits of mantissa: ~1e-2 relative
+                assert np.abs(a.scores - b.scores).max() <= 0.1 * np.abs(a.scores).max() + 1e-3
+    with pytest.raises(ValueError, match="dtype must be"):
+        Explainer.from_pretrained(str(tmp_path), dtype="float16x")
