@@ -9,6 +9,7 @@ into token-budgeted batches), and reduce each text's outputs (`reduce_*`) into t
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
@@ -66,7 +67,6 @@ def run_items(ex, texts: list[PreparedText], expand, desc: str) -> dict:
 def clean_pass(ex, texts: list[PreparedText]) -> list[PreparedText]:
     """Score every clean text once: the prediction, its probability and logit. Causal LMs pack texts
     of any length end to end; classifiers batch texts of equal length."""
-    import dataclasses
 
     def expand(p):
         n = len(p.input_ids)

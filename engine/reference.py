@@ -87,6 +87,16 @@ def fuse_heads(attn: torch.Tensor, head_fusion: str) -> torch.Tensor:
     raise ValueError(f"head_fusion must be one of {HEAD_FUSIONS}, got {head_fusion!r}")
 
 
+def discard_threshold(fused: torch.Tensor, discard_ratio: float, causal_quantile: bool = False) -> torch.Tensor:
+    """The `discard_ratio` quantile of an (S, S) fused matrix: over all entries (the seed), or over the
+    lower triangle with the diagonal (`causal_quantile`)."""
+    if causal_quantile:
+        n = fused.shape[-1]
+        rows, cols = torch.tril_indices(n, n, device=fused.device)
+        return fused[rows, cols].quantile(discard_ratio)
+    return fused.flatten().quantile(discard_ratio)
+
+
 def discard_low_attention(fused: torch.Tensor, discard_ratio: float, causal_quantile: bool = False) -> torch.Tensor:
     """Zero the entries below the `discard_ratio` quantile of `fused` (S, S), then renormalize rows.
 
@@ -100,12 +110,7 @@ def discard_low_attention(fused: torch.Tensor, discard_ratio: float, causal_quan
     if discard_ratio <= 0:
         return fused
     n = fused.shape[-1]
-    if causal_quantile:
-        rows, cols = torch.tril_indices(n, n, device=fused.device)
-        values = fused[rows, cols]
-    else:
-        values = fused.flatten()
-    threshold = values.quantile(discard_ratio)
+    threshold = discard_threshold(fused, discard_ratio, causal_quantile)
     kept = fused * (fused >= threshold)
     row_sums = kept.sum(dim=-1, keepdim=True)
     eye = torch.eye(n, dtype=fused.dtype, device=fused.device)

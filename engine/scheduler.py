@@ -54,7 +54,6 @@ class Scheduler:
         self._queues: dict[Hashable, deque[tuple[int, WorkItem]]] = {}  # group -> (sequence no., item)
         self._requests: dict[Hashable, _Request] = {}
         self._sequence = itertools.count()
-        self._in_flight = 0  # items scheduled but not completed
 
     def add(self, request: Hashable, items: Iterable[WorkItem]) -> None:
         items = list(items)
@@ -92,7 +91,6 @@ class Scheduler:
             tokens += item.tokens
         if not queue:
             del self._queues[group]
-        self._in_flight += len(items)
         return Batch(group=group, items=items, tokens=tokens)
 
     def complete(self, batch: Batch, outputs: list) -> list[tuple[Hashable, list]]:
@@ -106,5 +104,4 @@ class Scheduler:
             if len(state.outputs) == state.n_items:
                 del self._requests[item.request]
                 finished.append((item.request, [state.outputs[i] for i in range(state.n_items)]))
-        self._in_flight -= len(batch.items)
         return finished

@@ -101,14 +101,11 @@ def _discard_params(fused_layer: torch.Tensor, lengths, discard_ratio: float, ca
     empty = torch.zeros(batch, size, dtype=torch.int8, device=fused_layer.device)
     if discard_ratio <= 0:
         return thr, scale, empty
+    from engine.reference import discard_threshold
+
     for b, n in enumerate(lengths):
         f = fused_layer[b, :n, :n].float()
-        if causal_quantile:
-            r, c = torch.tril_indices(n, n, device=f.device)
-            values = f[r, c]
-        else:
-            values = f.flatten()
-        thr[b] = values.quantile(discard_ratio)
+        thr[b] = discard_threshold(f, discard_ratio, causal_quantile)
         sums = (f * (f >= thr[b])).sum(-1)
         scale[b, :n] = torch.where(sums > 0, 1.0 / torch.where(sums > 0, sums, 1.0), 0.0)
         empty[b, :n] = (sums == 0).to(torch.int8)
