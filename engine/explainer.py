@@ -202,6 +202,10 @@ class Explainer:
         return list(texts)
 
     def _check_model_level(self, method: str, opts) -> None:
+        if method == "lrp":
+            from .lrp import check_supported
+
+            check_supported(self.model, opts.rule)
         if method == "raw_attention" and not -self.num_layers <= opts.layer < self.num_layers:
             raise ValueError(
                 f"layer must be in [{-self.num_layers}, {self.num_layers - 1}] for this "
@@ -297,6 +301,7 @@ class Explainer:
             target_id=p.target_id,
             target_token=self._decode_target(p.target_id),
             target_prob=p.target_prob,
+            target_logit=fields.pop("target_logit", p.target_logit),
             options=dataclasses.asdict(opts),
             **fields,
         )

@@ -241,6 +241,38 @@ def run_grad_attention(ex, texts, opts):
     return [results[p.index] for p in texts]
 
 
+def run_lrp(ex, texts, opts):
+    """One forward and one backward per batch of equal-length texts, under the LRP rules."""
+    import torch
+
+    from .batching import frozen_weights
+    from .forward import _head_logits
+    from .lrp import relevance
+    from .models import CLASSIFIER
+
+    model = ex.model
+    results = {}
+    for batch in _equal_length_batches(ex, texts):
+        ids = torch.tensor([p.input_ids for p in batch], device=model.device)
+        targets = torch.tensor([p.target_id for p in batch], device=model.device)
+        read_pos = batch[0].read_pos
+
+        def target_logits(embeds):
+            if ex.kind == CLASSIFIER:
+                logits = model(inputs_embeds=embeds).logits.float()
+            else:
+                hidden = model.base_model(inputs_embeds=embeds, use_cache=False).last_hidden_state[:, read_pos]
+                logits = _head_logits(model, hidden)
+            return logits.gather(-1, targets[:, None])[:, 0]
+
+        with frozen_weights(model):
+            embeds = model.get_input_embeddings()(ids)
+            scores, logits = relevance(model, embeds, target_logits, opts.rule)
+        for b, p in enumerate(batch):
+            results[p.index] = {"scores": scores[b].cpu().numpy(), "target_logit": float(logits[b])}
+    return [results[p.index] for p in texts]
+
+
 RUNNERS = {
     "raw_attention": run_raw_attention,
     "rollout": run_rollout,
@@ -248,6 +280,7 @@ RUNNERS = {
     "integrated_gradients": run_integrated_gradients,
     "leave_one_out": run_leave_one_out,
     "sliding_window": run_sliding_window,
+    "lrp": run_lrp,
 }
 
 

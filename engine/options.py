@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
+from .lrp import LRP_RULES
 from .reference import HEAD_FUSIONS, IG_BASELINES, IG_METHODS
 
 
@@ -82,6 +83,14 @@ class SlidingWindowOptions:
         _check_int("window_size", self.window_size, minimum=1)
 
 
+@dataclass(frozen=True)
+class LRPOptions:
+    rule: str = "attnlrp"  # "attnlrp" (Achtibat et al. 2024) or "cplrp" (Ali et al. 2022)
+
+    def __post_init__(self):
+        _check_choice("rule", self.rule, LRP_RULES)
+
+
 OPTIONS = {
     "raw_attention": RawAttentionOptions,
     "rollout": RolloutOptions,
@@ -89,8 +98,8 @@ OPTIONS = {
     "integrated_gradients": IntegratedGradientsOptions,
     "leave_one_out": LeaveOneOutOptions,
     "sliding_window": SlidingWindowOptions,
+    "lrp": LRPOptions,
 }
-NOT_YET_AVAILABLE = {"lrp": "LRP is not available yet (tracked in its own issue)"}
 
 
 def available_methods() -> list[str]:
@@ -102,8 +111,6 @@ def make_options(method: str, **options):
     """Validate a method name and its keyword options into that method's options dataclass."""
     if not isinstance(method, str):
         raise TypeError(f"method must be a str, one of {available_methods()}, got {method!r}")
-    if method in NOT_YET_AVAILABLE:
-        raise ValueError(f"{NOT_YET_AVAILABLE[method]}; available methods: {available_methods()}")
     if method not in OPTIONS:
         raise ValueError(f"unknown method {method!r}; available methods: {available_methods()}")
     cls = OPTIONS[method]

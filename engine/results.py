@@ -22,6 +22,7 @@ class Attribution:
     matrix: np.ndarray | None = None  # (S, S) for rollout and grad_attention; the row read is `scores`
     regions: list[dict] | None = None  # sliding_window: windows sorted by impact, descending
     completeness_gap: float | None = None  # integrated_gradients: sum(scores) - (f(x) - f(baseline))
+    target_logit: float = float("nan")  # its logit on the unperturbed text (LRP conserves it: sum(scores))
 
     def __bool__(self) -> bool:
         return True

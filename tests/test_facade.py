@@ -160,7 +160,7 @@ def test_compare_and_faithfulness(llama):
     "kwargs,error,match",
     [
         ({"method": "shap"}, ValueError, "available methods"),
-        ({"method": "lrp"}, ValueError, "not available yet"),
+        ({"method": "lrp", "rule": "epsilon"}, ValueError, "rule must be one of"),
         ({"method": "rollout", "head_fusion": "median"}, ValueError, "head_fusion must be one of"),
         ({"method": "rollout", "discard_ratio": 1.0}, ValueError, r"\[0, 1\)"),
         ({"method": "rollout", "discard_ratio": -0.1}, ValueError, r"\[0, 1\)"),

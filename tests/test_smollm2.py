@@ -98,3 +98,21 @@ def test_batched_methods_at_odd_budgets_on_smollm2(smollm2):
     for k in expected:
         for metric in expected[k]:
             assert got[k][metric] == pytest.approx(expected[k][metric], rel=1e-4, abs=1e-5)
+
+
+@pytest.mark.parametrize("rule", ["attnlrp", "cplrp"])
+def test_lrp_equals_explicit_oracle_on_smollm2(smollm2, rule):
+    from engine.reference_lrp import lrp_reference
+
+    a = smollm2.attribute(EIFFEL, "lrp", rule=rule)
+    ids = smollm2.tokenizer(EIFFEL, return_tensors="pt")["input_ids"][0]
+    expected, logit = lrp_reference(smollm2.model, ids, a.target_id, rule)
+    # 30 layers of fp32 against the float64 oracle: relevance compared at 1e-4 of its scale
+    assert_close(a.scores, expected, rtol=1e-4, atol=1e-4 * abs(expected).max(), what=rule)
+    assert a.target_logit == pytest.approx(logit, rel=1e-4)
+
+
+def test_cplrp_conserves_the_target_logit_on_smollm2(smollm2):
+    texts = [EIFFEL, "Water boils at a temperature of one hundred degrees", "The capital of Japan is"]
+    for a in smollm2.attribute(texts, "lrp", rule="cplrp"):
+        assert a.scores.sum() == pytest.approx(a.target_logit, rel=1e-4), a.text
