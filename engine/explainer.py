@@ -118,7 +118,8 @@ class Explainer:
                 if single:
                     raise
                 failures[i] = AttributionFailure(index=i, text=text, method=method, error=err)
-        prepared = methods.clean_pass(self, prepared) if prepared else []
+        if prepared and method not in methods.SCORES_ITSELF:
+            prepared = methods.clean_pass(self, prepared)
         computed = RUNNERS[method](self, prepared, opts) if prepared else []
         results = dict(failures)
         for p, fields in zip(prepared, computed, strict=True):
@@ -293,6 +294,8 @@ class Explainer:
 
     def _attribution(self, p: PreparedText, method: str, opts, fields: dict) -> Attribution:
         fields = dict(fields)
+        scored = {k: fields.pop(k) for k in ("target_id", "target_prob", "target_logit") if k in fields}
+        p = dataclasses.replace(p, **scored)
         fields["scores"] = as_float_array(fields["scores"])
         return Attribution(
             text=p.text,
@@ -301,7 +304,7 @@ class Explainer:
             target_id=p.target_id,
             target_token=self._decode_target(p.target_id),
             target_prob=p.target_prob,
-            target_logit=fields.pop("target_logit", p.target_logit),
+            target_logit=p.target_logit,
             options=dataclasses.asdict(opts),
             **fields,
         )

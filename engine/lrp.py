@@ -25,7 +25,7 @@ silently treating an unknown module as linear would give wrong relevance.
 from __future__ import annotations
 
 import types
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 
 import torch
 from torch import nn
@@ -273,14 +273,16 @@ def lrp_rules(model, rule: str = "attnlrp"):
 # ------------------------------------------------------------------------------------------- computation
 
 
-def relevance(model, embeds: torch.Tensor, target_logits_fn, rule: str = "attnlrp"):
+def relevance(model, embeds: torch.Tensor, target_logits_fn, rule: str | None = "attnlrp"):
     """Per-token relevance (B, S) for input embeddings `embeds` (B, S, D) and the target logits (B,).
 
     `target_logits_fn(embeds)` runs the model and returns each row's target logit; rows are independent,
-    so one backward of their sum seeds every row from its own target logit.
+    so one backward of their sum seeds every row from its own target logit. `rule=None` runs no rules
+    (plain gradient x input): the cost floor LRP is benchmarked against.
     """
     embeds = embeds.detach().requires_grad_(True)
-    with lrp_rules(model, rule), torch.enable_grad():
+    scope = nullcontext() if rule is None else lrp_rules(model, rule)
+    with scope, torch.enable_grad():
         target_logits = target_logits_fn(embeds)
         (grad,) = torch.autograd.grad(target_logits.sum(), embeds)
     return (embeds.detach().float() * grad.float()).sum(-1), target_logits.detach().float()

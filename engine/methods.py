@@ -242,11 +242,14 @@ def run_grad_attention(ex, texts, opts):
 
 
 def run_lrp(ex, texts, opts):
-    """One forward and one backward per batch of equal-length texts, under the LRP rules."""
+    """One forward and one backward per batch of equal-length texts, under the LRP rules.
+
+    The forward also scores the clean text (prediction, probability, logit), so LRP needs no separate
+    clean pass: it is in `SCORES_ITSELF`."""
     import torch
 
     from .batching import frozen_weights
-    from .forward import _head_logits
+    from .forward import _head_logits, score_logits
     from .lrp import relevance
     from .models import CLASSIFIER
 
@@ -254,23 +257,34 @@ def run_lrp(ex, texts, opts):
     results = {}
     for batch in _equal_length_batches(ex, texts):
         ids = torch.tensor([p.input_ids for p in batch], device=model.device)
-        targets = torch.tensor([p.target_id for p in batch], device=model.device)
         read_pos = batch[0].read_pos
+        scored = {}
 
-        def target_logits(embeds):
+        def target_logits(embeds, batch=batch, read_pos=read_pos, scored=scored):
             if ex.kind == CLASSIFIER:
                 logits = model(inputs_embeds=embeds).logits.float()
             else:
                 hidden = model.base_model(inputs_embeds=embeds, use_cache=False).last_hidden_state[:, read_pos]
                 logits = _head_logits(model, hidden)
-            return logits.gather(-1, targets[:, None])[:, 0]
+            scored["scores"] = score_logits(logits, [p.target_id for p in batch], need_prob=True)
+            return scored["scores"].logit
 
         with frozen_weights(model):
             embeds = model.get_input_embeddings()(ids)
-            scores, logits = relevance(model, embeds, target_logits, opts.rule)
+            relevances, _ = relevance(model, embeds, target_logits, opts.rule)
+        s = scored["scores"]
+        chosen = [int(s.argmax[b]) if p.target_id is None else p.target_id for b, p in enumerate(batch)]
         for b, p in enumerate(batch):
-            results[p.index] = {"scores": scores[b].cpu().numpy(), "target_logit": float(logits[b])}
+            results[p.index] = {
+                "scores": relevances[b].cpu().numpy(),
+                "target_id": chosen[b],
+                "target_prob": float(s.prob[b].detach()),
+                "target_logit": float(s.logit[b].detach()),
+            }
     return [results[p.index] for p in texts]
+
+
+SCORES_ITSELF = {"lrp"}  # methods whose own forward scores the clean text (no separate clean pass)
 
 
 RUNNERS = {

@@ -30,6 +30,13 @@ def _reference_scores(method, model, tok, text, read_pos, **opts):
     if method == "sliding_window":
         n = len(tok(text)["input_ids"])
         return ref.window_scores_per_token(ref.sliding_window_occlusion(model, tok, text, opts["window_size"]), n)
+    if method == "lrp":
+        from engine.reference_lrp import lrp_reference
+
+        ids = tok(text, return_tensors="pt")["input_ids"]
+        with torch.no_grad():
+            target = int(ref.scored_logits(model(ids).logits).argmax())
+        return lrp_reference(model, ids, target, opts.get("rule", "attnlrp"))[0]
     raise AssertionError(method)
 
 
@@ -40,6 +47,7 @@ METHOD_OPTIONS = {
     "integrated_gradients": {"n_steps": 6},
     "leave_one_out": {},
     "sliding_window": {"window_size": 2},
+    "lrp": {"rule": "cplrp"},
 }
 
 

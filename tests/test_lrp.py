@@ -90,7 +90,7 @@ def test_lrp_equals_lxt(rule):
         [sys.executable, str(LXT_SCRIPT), rule, "0", *texts], capture_output=True, text=True, timeout=120
     )
     assert run.returncode == 0, run.stderr
-    lxt = json.loads(run.stdout)
+    lxt = json.loads(run.stdout)["texts"]
     ex = Explainer(tiny_llama(0), make_tokenizer())
     for text, theirs, ours in zip(texts, lxt, ex.attribute(texts, "lrp", rule=rule), strict=True):
         assert ours.target_id == theirs["target"]
