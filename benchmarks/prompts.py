@@ -1,28 +1,6 @@
-"""The fixed benchmark prompt set: 24 prompts of 8 to 60 SmolLM2 tokens."""
+"""The fixed benchmark prompt set: 24 prompts of 8 to 60 SmolLM2 tokens, one per line of `prompts.txt`
+(the same file `engine evaluate benchmarks/prompts.txt` reads)."""
 
-PROMPTS = [
-    "The Eiffel Tower is located in the city of",
-    "The capital of Japan is the city of",
-    "Water boils at a temperature of one hundred degrees",
-    "She opened the door and saw that the room was completely",
-    "The largest planet in our solar system is called",
-    "To bake a cake you need flour, sugar, eggs and",
-    "In 1969 the first humans walked on the surface of the",
-    "The quick brown fox jumps over the lazy dog, and then the dog",
-    "My favourite season is autumn because the leaves turn red and the air feels",
-    "The doctor told the patient that the results of the blood test were",
-    "Paris is to France as Berlin is to",
-    "After a long day at work, he went home, cooked dinner, and finally went to",
-    "The stock market fell sharply on Monday after the central bank announced that interest rates would",
-    "Photosynthesis is the process by which green plants use sunlight to turn carbon dioxide and water into",
-    "The author of the novel Pride and Prejudice, published in 1813, is the English writer",
-    "When the violinist finished the last note of the concerto, the audience stood up and began to",
-    "The train to Edinburgh was delayed by forty minutes because of a signal failure near the station of",
-    "Although the weather forecast promised sunshine for the whole weekend, we packed umbrellas and warm coats because in the mountains the weather can change",
-    "The museum's new exhibition brings together more than two hundred paintings, drawings and sculptures by artists who worked in Vienna at the beginning of the twentieth century, including",
-    "A good night's sleep helps the brain to",
-    "The recipe says to preheat the oven to",
-    "Bees collect nectar from flowers and turn it into",
-    "The committee met on Thursday afternoon to review the budget for next year. After three hours of discussion about salaries, travel costs, new equipment for the laboratory and the rising price of electricity, the members finally agreed to reduce spending on",
-    "Long before the invention of the printing press, monks in monasteries across Europe spent years copying books by hand, decorating the pages with gold leaf and bright colours, while outside the walls kings rose and fell, cities burned and were rebuilt, and a single Bible could take a whole lifetime to",
-]
+from pathlib import Path
+
+PROMPTS = [line for line in (Path(__file__).with_name("prompts.txt")).read_text(encoding="utf-8").splitlines() if line]

@@ -34,6 +34,7 @@ class FullPayload:
     ids: tuple[int, ...]
     target: int | None  # None: score the argmax (the clean pass finds the prediction)
     need_prob: bool
+    zeroed: tuple[int, ...] | None = None  # positions whose token embedding is zeroed (work kind "zero")
 
 
 @dataclass(frozen=True)
@@ -172,7 +173,7 @@ class BatchRunner:
     def execute(self, batch: Batch) -> list:
         kind = batch.group[0]
         payloads = [item.payload for item in batch.items]
-        if kind == "full":
+        if kind in ("full", "zero"):
             return self._run_full(payloads)
         if kind == "packed":
             return self._run_packed(payloads)
@@ -194,9 +195,9 @@ class BatchRunner:
     def _run_full(self, payloads: list[FullPayload]) -> list[ForwardOutput]:
         ids = torch.tensor([p.ids for p in payloads])
         need_prob = any(p.need_prob for p in payloads)
-        return self._outputs(
-            full_forward(self.model, self.kind, ids, ids.shape[1] - 1, [p.target for p in payloads], need_prob)
-        )
+        zeroed = [p.zeroed or () for p in payloads] if any(p.zeroed is not None for p in payloads) else None
+        targets = [p.target for p in payloads]
+        return self._outputs(full_forward(self.model, self.kind, ids, ids.shape[1] - 1, targets, need_prob, zeroed))
 
     @torch.no_grad()
     def _run_packed(self, payloads: list[FullPayload]) -> list[ForwardOutput]:

@@ -1,4 +1,11 @@
-"""`engine explain "TEXT"`: the seed's method comparison (sections 2-7) in the terminal or as JSON."""
+"""The command line.
+
+- `engine explain "TEXT"`: the seed's method comparison (sections 2-7) in the terminal or as JSON.
+- `engine compare "TEXT"` / `engine evaluate FILE`: `Explainer.evaluate` on one text or a corpus (a text
+  file, one prompt per line, or JSONL with "text" and optional "rationale" per line, or "paraphrase":
+  [a, b] lines): the per-method summary and the agreement matrix as tables, `--html` for a
+  self-contained report, `--plots DIR` for the figures, `--format json` for the numbers.
+"""
 
 from __future__ import annotations
 
@@ -91,6 +98,110 @@ def explain(args) -> int:
     return 0
 
 
+def read_corpus(path: str) -> tuple[list[str], list | None, list[tuple[str, str]]]:
+    """(texts, rationales or None, paraphrase pairs) from a .txt (one text per line) or .jsonl file."""
+    from pathlib import Path
+
+    file = Path(path)
+    if not file.is_file():
+        raise FileNotFoundError(f"no such file: {path}")
+    lines = [line for line in file.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if file.suffix != ".jsonl":
+        return lines, None, []
+    texts, rationales, pairs = [], [], []
+    for number, line in enumerate(lines, 1):
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path}:{number}: not JSON ({err.msg})") from None
+        if isinstance(row, dict) and "paraphrase" in row:
+            pair = row["paraphrase"]
+            if not (isinstance(pair, list) and len(pair) == 2 and all(isinstance(t, str) for t in pair)):
+                raise ValueError(f"{path}:{number}: 'paraphrase' must be a list of two strings")
+            pairs.append((pair[0], pair[1]))
+        elif isinstance(row, dict) and isinstance(row.get("text"), str):
+            texts.append(row["text"])
+            rationales.append(row.get("rationale"))
+        else:
+            raise ValueError(f"{path}:{number}: each line must be an object with 'text' (str) or 'paraphrase'")
+    return texts, (rationales if any(r is not None for r in rationales) else None), pairs
+
+
+def _parse_k(values: list[str]) -> list:
+    ks = []
+    for v in values:
+        try:
+            ks.append(int(v))
+        except ValueError:
+            try:
+                ks.append(float(v))
+            except ValueError:
+                raise SystemExit(f"engine: --k values must be ints or fractions, got {v!r}") from None
+    return ks
+
+
+def run_evaluation(args, texts, rationales=None, pairs=()) -> int:
+    from . import report
+    from .explainer import Explainer
+
+    methods = _parse_methods(args.methods) if args.methods else available_methods()
+    ex = Explainer.from_pretrained(args.model)
+    ev = ex.evaluate(
+        texts,
+        methods,
+        k_values=_parse_k(args.k),
+        curve_steps=args.curve_steps,
+        deletion=args.deletion,
+        protect_target=not args.perturb_target,
+        rationales=rationales,
+        paraphrases=list(pairs) or None,
+    )
+    if args.html:
+        path = report.write_html(
+            ev, args.html, title=f"Attribution evaluation: {args.model}", model_name=args.model, ex=ex
+        )
+        print(f"wrote {path}", file=sys.stderr)
+    if args.plots:
+        for path in report.write_plots(ev, args.plots, ex=ex):
+            print(f"wrote {path}", file=sys.stderr)
+    if args.format == "json":
+        out = {
+            "model": args.model,
+            "methods": methods,
+            "per_method": ev.per_method,
+            "agreement": {name: _nan_to_none(m) for name, m in ev.agreement.items()},
+            "per_text": ev.to_records(),
+            "failures": [{"index": f.index, "error": str(f.error)} for f in ev.failures],
+        }
+        json.dump(out, sys.stdout, indent=2, default=float)
+        print()
+        return 0
+    n = len({r["text_index"] for r in ev.per_text})
+    print(f"Model: {args.model} · {n} text(s) evaluated · {len(ev.failures)} failed")
+    if len(texts) == 1 and ev.attributions:
+        a = ev.attributions[methods[0]][0]
+        print(f"Text: {a.text!r}\nPredicted: {a.target_token!r} (p={a.target_prob:.3f})")
+    print("\nPer-method summary (mean over texts; comp/suff: the seed's faithfulness at k):")
+    print(report.summary_table(ev))
+    if len(methods) > 1:
+        print("\nAgreement (Spearman, mean over texts):")
+        print(report.agreement_table(ev))
+    for f in ev.failures:
+        print(f"\ntext {f.index} not evaluated: {f.error}")
+    return 0
+
+
+def compare(args) -> int:
+    return run_evaluation(args, [args.text])
+
+
+def evaluate_file(args) -> int:
+    texts, rationales, pairs = read_corpus(args.file)
+    if not texts:
+        raise ValueError(f"{args.file} holds no texts")
+    return run_evaluation(args, texts, rationales, pairs)
+
+
 def _nan_to_none(matrix: np.ndarray) -> list:
     return [[None if np.isnan(v) else float(v) for v in row] for row in matrix]
 
@@ -110,6 +221,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", choices=("table", "json"), default="table")
     p.add_argument("--k", type=int, nargs="+", default=[1, 3, 5], help="faithfulness k values (default: 1 3 5)")
     p.set_defaults(func=explain)
+
+    for name, helptext in (
+        ("compare", "evaluate and compare methods on one text"),
+        ("evaluate", "evaluate and compare methods on a corpus (.txt: one text per line; .jsonl)"),
+    ):
+        p = sub.add_parser(name, help=helptext)
+        if name == "compare":
+            p.add_argument("text")
+            p.set_defaults(func=compare)
+        else:
+            p.add_argument("file")
+            p.set_defaults(func=evaluate_file)
+        p.add_argument(
+            "--model", default=DEFAULT_MODEL, help=f"model name, hub id or folder (default: {DEFAULT_MODEL})"
+        )
+        p.add_argument("--methods", nargs="+", metavar="METHOD", help=f"default: all of {available_methods()}")
+        p.add_argument(
+            "--k", nargs="+", default=["1", "3", "5"], help="faithfulness k: ints or fractions (default 1 3 5)"
+        )
+        p.add_argument("--curve-steps", type=int, default=10, help="points per deletion curve - 1 (default 10)")
+        p.add_argument("--deletion", choices=("replacement", "zero_embedding"), default="replacement")
+        p.add_argument("--perturb-target", action="store_true", help="let the curves delete the read position too")
+        p.add_argument("--format", choices=("table", "json"), default="table")
+        p.add_argument("--html", metavar="FILE", help="write a self-contained HTML report")
+        p.add_argument("--plots", metavar="DIR", help="write the figures (PNG) into DIR")
     return parser
 
 

@@ -192,6 +192,15 @@ class Explainer:
             top_k=tops,
         )
 
+    def evaluate(self, texts: Sequence[str], methods: Sequence[str] | None = None, **kwargs):
+        """Attribute every text with every method and score the explanations: faithfulness at k,
+        perturbation curves (AOPC, ABPC), sparsity, agreement, and plausibility / consistency when
+        rationales / paraphrase pairs are given. All perturbations run as one batched workload.
+        See `engine.evaluation.evaluate` for the keyword options and the conventions."""
+        from .evaluation import evaluate
+
+        return evaluate(self, texts, list(methods) if methods is not None else available_methods(), **kwargs)
+
     # ------------------------------------------------------------------------------------- internals
 
     @staticmethod

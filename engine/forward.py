@@ -54,13 +54,26 @@ def score_logits(logits: torch.Tensor, targets: list[int | None], need_prob: boo
     return Scores(logit=logit, prob=prob, argmax=argmax)
 
 
-def full_forward(model, kind: str, ids: torch.Tensor, read_pos: int, targets: list, need_prob: bool) -> Scores:
-    """Score (B, n) equal-length sequences at `read_pos` (causal LM) or the class logits (classifier)."""
+def full_forward(
+    model, kind: str, ids: torch.Tensor, read_pos: int, targets: list, need_prob: bool, zeroed: list | None = None
+) -> Scores:
+    """Score (B, n) equal-length sequences at `read_pos` (causal LM) or the class logits (classifier).
+
+    `zeroed`: per row, positions whose token embedding is set to zero (the deletion by zeroed embedding
+    of the AttnLRP paper's perturbation protocol); position embeddings, where a model adds them, stay.
+    """
     ids = ids.to(model.device)
+    if zeroed is None:
+        inputs = {"input_ids": ids}
+    else:
+        mask = torch.zeros(ids.shape, dtype=torch.bool, device=ids.device)
+        for row, positions in enumerate(zeroed):
+            mask[row, list(positions)] = True
+        inputs = {"inputs_embeds": model.get_input_embeddings()(ids).masked_fill(mask[..., None], 0.0)}
     if kind == CLASSIFIER:
-        return score_logits(model(input_ids=ids).logits, targets, need_prob)
+        return score_logits(model(**inputs).logits, targets, need_prob)
     base, _ = _base_and_head(model)
-    hidden = base(input_ids=ids, use_cache=False).last_hidden_state[:, read_pos]
+    hidden = base(**inputs, use_cache=False).last_hidden_state[:, read_pos]
     return score_logits(_head_logits(model, hidden), targets, need_prob)
 
 

@@ -1,0 +1,40 @@
+"""`Explainer.evaluate` on a corpus against one call per text (same model, same machine, one run).
+
+    python -m pytest benchmarks/bench_evaluate.py --benchmark-json out/bench_evaluate.json
+    python benchmarks/summarize.py out/bench_evaluate.json
+
+Conditions: SmolLM2, CPU, float32, torch threads = 2, the 24 prompts of `prompts.txt`, methods
+rollout, leave_one_out and lrp, k = 1, 3, 5, deletion curves with 10 steps. One round each (each call
+is tens of seconds), after a warm-up call.
+"""
+
+from __future__ import annotations
+
+import pytest
+from conftest import run_once
+
+from engine import Explainer
+
+METHODS = ["rollout", "leave_one_out", "lrp"]
+
+
+@pytest.fixture(scope="module")
+def engine(smollm2):
+    model, tok = smollm2
+    ex = Explainer(model, tok, progress=False)
+    ex.evaluate(["warm up the engine"], METHODS, k_values=1)
+    return ex
+
+
+def test_evaluate_corpus_engine(benchmark, engine, prompts):
+    benchmark.group = "evaluate"
+    ev = run_once(benchmark, lambda: engine.evaluate(prompts, METHODS))
+    assert not ev.failures
+    benchmark.extra_info["texts_per_s"] = len(prompts) / benchmark.stats.stats.median
+
+
+def test_evaluate_one_call_per_text(benchmark, engine, prompts):
+    benchmark.group = "evaluate"
+    results = run_once(benchmark, lambda: [engine.evaluate([p], METHODS) for p in prompts])
+    assert all(not ev.failures for ev in results)
+    benchmark.extra_info["texts_per_s"] = len(prompts) / benchmark.stats.stats.median
