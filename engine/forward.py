@@ -98,7 +98,21 @@ def pack_rows(lengths: list[int], texts: list[int], prefix_lengths: list[int], c
     tokens (or one longer suffix) and the cached prefixes of at most `capacity` tokens of the texts
     it serves (or one text's), so each row attends to its own texts' prefixes only, not to every
     text of the batch. `prefix_lengths[i]` is the cached length item i needs (0 for none).
+
+    Without prefixes (whole texts: the clean pass, the attention methods) the rows are balanced
+    instead: ceil(total / capacity) rows, each item to the least-filled row, longest first, so the
+    rows pad to about total / rows tokens rather than to `capacity` (one 340-token batch is two rows
+    of ~170, not 256 + 84 padded to 256 + 256). A row then exceeds `capacity` by less than one item.
     """
+    if not any(prefix_lengths):
+        n_rows = max(1, -(-sum(lengths) // capacity))
+        balanced: list[list[int]] = [[] for _ in range(n_rows)]
+        loads = [0] * n_rows
+        for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+            r = loads.index(min(loads))
+            balanced[r].append(i)
+            loads[r] += lengths[i]
+        return [row for row in balanced if row]
     rows: list[list[int]] = []
     room: list[int] = []
     prefix_room: list[int] = []
@@ -129,11 +143,15 @@ def packed_clean_caches(model, texts: list[tuple[int, ...]], row_capacity: int) 
     return caches
 
 
-def packed_suffix_forward(model, caches, suffixes: list[Suffix], row_capacity: int, return_caches: bool = False):
+def packed_suffix_forward(
+    model, caches, suffixes: list[Suffix], row_capacity: int, return_caches: bool = False, layout: list | None = None
+):
     """Hidden state at the last token of each suffix, (len(suffixes), hidden), via the prefix caches.
 
     `caches[t]` is `clean_cache` of text t. Keys of a row: [all texts' cached positions | the row].
     With `return_caches`, also each suffix's own per-layer (keys, values), each (1, kv_heads, n, d).
+    `layout`, a list, receives each suffix's (row, first column among the keys, first column among
+    the queries), for callers that read per-suffix blocks of what the forward produced (attention).
     """
     device = model.device
     cached = [layers[0][0].shape[-2] for layers in caches]  # cached length of each text
@@ -194,6 +212,8 @@ def packed_suffix_forward(model, caches, suffixes: list[Suffix], row_capacity: i
                     values[r, :, off : off + cached[t]] = caches[t][li][1][0]
             layer_kv.append((keys, values))
         cache = DynamicCache(ddp_cache_data=layer_kv)
+    if layout is not None:  # filled before the forward: hooks running inside it may read it
+        layout.extend((r, total + at, at) for r, at in starts)
     base, _ = _base_and_head(model)
     out = base(
         input_ids=ids.to(device),

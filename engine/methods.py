@@ -17,6 +17,7 @@ import numpy as np
 from . import reference as ref
 from .batching import FullPayload, IGPayload, SuffixPayload
 from .metrics import rank_tokens
+from .models import CLASSIFIER
 from .scheduler import WorkItem
 
 
@@ -194,34 +195,119 @@ def _forward_with_attentions(ex, batch: list[PreparedText], need_grad: bool):
         return logits.gather(-1, targets[:, None]).sum(), out.attentions
 
 
+def _attention_batches(ex, texts: list[PreparedText]):
+    """Batches for the attention capture: causal LMs pack texts of any length end to end (one
+    block-causal row layout, no padding, as the clean pass); classifiers batch texts of equal length."""
+    from .scheduler import Scheduler
+
+    if ex.kind == CLASSIFIER or not ex.prefix_reuse:
+        yield from _equal_length_batches(ex, texts)
+        return
+    scheduler = Scheduler(ex.runner.max_batch_tokens, ex.runner.max_batch_size)
+    by_index = {p.index: p for p in texts}
+    for p in texts:
+        scheduler.add(p.index, [WorkItem(p.index, 0, ("packed",), len(p.input_ids))])
+    while (batch := scheduler.schedule()) is not None:
+        scheduler.complete(batch, [None] * len(batch.items))
+        yield [by_index[item.request] for item in batch.items]
+
+
+def fused_attention_blocks(ex, batch: list[PreparedText], head_fusion: str, layers=None):
+    """Per text of `batch`, its head-fused attention (n, n) at each layer (or only `layers`), from one
+    forward whose probabilities are fused as each layer produces them (`engine.attention_capture`);
+    and the clean-text scores of that same forward (each text's target, probability, logit), so the
+    attention methods need no separate clean pass."""
+    import torch
+
+    from .attention_capture import fused_attention
+    from .forward import Suffix, _head_logits, packed_suffix_forward, score_logits
+
+    packed = ex.kind != CLASSIFIER and ex.prefix_reuse
+    blocks = [dict() for _ in batch]
+    layout: list = []
+
+    def sink(layer, fused):
+        if layers is not None and layer not in layers:
+            return
+        for t, p in enumerate(batch):
+            n = len(p.input_ids)
+            if packed:  # `layout` is filled before the forward starts
+                r, key_at, query_at = layout[t]
+                blocks[t][layer] = fused[r, query_at : query_at + n, key_at : key_at + n]
+            else:
+                blocks[t][layer] = fused[t, :n, :n]
+
+    with torch.no_grad(), fused_attention(ex.model, head_fusion, sink):
+        if packed:
+            suffixes = [Suffix(0, 0, p.input_ids) for p in batch]
+            hidden = packed_suffix_forward(ex.model, [], suffixes, ex.runner.row_capacity, layout=layout)
+            logits = _head_logits(ex.model, hidden)
+        else:
+            ids = torch.tensor([p.input_ids for p in batch], device=ex.model.device)
+            if ex.kind == CLASSIFIER:
+                logits = ex.model(input_ids=ids).logits
+            else:
+                hidden = ex.model.base_model(input_ids=ids, use_cache=False).last_hidden_state[:, batch[0].read_pos]
+                logits = _head_logits(ex.model, hidden)
+    scores = score_logits(logits, [p.target_id for p in batch], need_prob=True)
+    return [[b[layer] for layer in sorted(b)] for b in blocks], _scored_fields(batch, scores)
+
+
+def _scored_fields(batch: list[PreparedText], scores) -> list[dict]:
+    """The clean-text fields a self-scoring method returns: target (the given one or the argmax),
+    its probability and logit."""
+    return [
+        {
+            "target_id": int(scores.argmax[b]) if p.target_id is None else p.target_id,
+            "target_prob": float(scores.prob[b].detach()),
+            "target_logit": float(scores.logit[b].detach()),
+        }
+        for b, p in enumerate(batch)
+    ]
+
+
 def run_raw_attention(ex, texts, opts):
     results = {}
-    for batch in _equal_length_batches(ex, texts):
-        _, attentions = _forward_with_attentions(ex, batch, need_grad=False)
-        fused = attentions[opts.layer].float().mean(dim=1)  # (B, S, S), mean over heads
-        for b, p in enumerate(batch):
-            results[p.index] = {"scores": fused[b, p.read_pos].cpu().numpy()}
+    layer = opts.layer % ex.num_layers
+    for batch in _attention_batches(ex, texts):
+        per_text, scored = fused_attention_blocks(ex, batch, "mean", layers={layer})
+        for p, (block,), fields in zip(batch, per_text, scored, strict=True):
+            results[p.index] = {"scores": block[p.read_pos].cpu().numpy(), **fields}
     return [results[p.index] for p in texts]
 
 
 def run_rollout(ex, texts, opts):
+    import torch
+
     from kernels import rollout
 
     results = {}
-    for batch in _equal_length_batches(ex, texts):
-        _, attentions = _forward_with_attentions(ex, batch, need_grad=False)
-        # fuse each layer's heads at once and drop the (B, H, S, S) tensors: L x (B, S, S) are kept
-        fused = [ref.fuse_heads(a.float(), opts.head_fusion) for a in attentions]
-        del attentions
-        kwargs = {"discard_ratio": opts.discard_ratio, "causal_quantile": opts.causal_quantile, "fused": True}
+    for batch in _attention_batches(ex, texts):
+        per_text, scored = fused_attention_blocks(ex, batch, opts.head_fusion)
+        lengths = [len(p.input_ids) for p in batch]
+        size = max(lengths)
+        # texts of different lengths, padded into one (B, S, S) per layer: `lengths` keeps each to its block
+        stacked = []
+        for layer in range(len(per_text[0])):
+            fused = torch.zeros(len(batch), size, size, device=per_text[0][0].device)
+            for b, blocks in enumerate(per_text):
+                fused[b, : lengths[b], : lengths[b]] = blocks[layer]
+            stacked.append(fused)
+        kwargs = {
+            "discard_ratio": opts.discard_ratio,
+            "causal_quantile": opts.causal_quantile,
+            "fused": True,
+            "lengths": lengths,
+        }
         if opts.full_matrix:
-            matrix = rollout(fused, **kwargs).cpu().numpy()
+            matrix = rollout(stacked, **kwargs).cpu().numpy()
             for b, p in enumerate(batch):
-                results[p.index] = {"scores": matrix[b, p.read_pos], "matrix": matrix[b]}
+                n = lengths[b]
+                results[p.index] = {"scores": matrix[b, p.read_pos, :n], "matrix": matrix[b, :n, :n], **scored[b]}
         else:
-            rows = rollout(fused, rows=[p.read_pos for p in batch], **kwargs).cpu().numpy()
+            rows = rollout(stacked, rows=[p.read_pos for p in batch], **kwargs).cpu().numpy()
             for b, p in enumerate(batch):
-                results[p.index] = {"scores": rows[b]}
+                results[p.index] = {"scores": rows[b, : lengths[b]], **scored[b]}
     return [results[p.index] for p in texts]
 
 
@@ -272,19 +358,13 @@ def run_lrp(ex, texts, opts):
         with frozen_weights(model):
             embeds = model.get_input_embeddings()(ids)
             relevances, _ = relevance(model, embeds, target_logits, opts.rule)
-        s = scored["scores"]
-        chosen = [int(s.argmax[b]) if p.target_id is None else p.target_id for b, p in enumerate(batch)]
-        for b, p in enumerate(batch):
-            results[p.index] = {
-                "scores": relevances[b].cpu().numpy(),
-                "target_id": chosen[b],
-                "target_prob": float(s.prob[b].detach()),
-                "target_logit": float(s.logit[b].detach()),
-            }
+        for b, (p, fields) in enumerate(zip(batch, _scored_fields(batch, scored["scores"]), strict=True)):
+            results[p.index] = {"scores": relevances[b].cpu().numpy(), **fields}
     return [results[p.index] for p in texts]
 
 
-SCORES_ITSELF = {"lrp"}  # methods whose own forward scores the clean text (no separate clean pass)
+# methods whose own forward scores the clean text (no separate clean pass)
+SCORES_ITSELF = {"lrp", "raw_attention", "rollout"}
 
 
 RUNNERS = {

@@ -52,11 +52,45 @@ def prepare_layer(
     f = _fuse(attn, head_fusion, fused).float()
     batch, size = f.shape[0], f.shape[-1]
     eye = torch.eye(size, dtype=f.dtype, device=f.device)
+    if discard_ratio <= 0:  # no per-block quantile: one vectorized pass
+        block = _block_mask(lengths, size, f.device)
+        return torch.where(block, 0.5 * f + 0.5 * eye, eye)
     out = eye.expand(batch, size, size).clone()
     for b, n in enumerate(lengths):
         block = discard_low_attention(f[b, :n, :n], discard_ratio, causal_quantile)
         out[b, :n, :n] = 0.5 * block + 0.5 * eye[:n, :n]
     return out
+
+
+def _inside(lengths: list[int], size: int, device) -> torch.Tensor:
+    """(B, S): True at the positions inside each sequence."""
+    return torch.arange(size, device=device)[None, :] < torch.tensor(lengths, device=device)[:, None]
+
+
+def _block_mask(lengths: list[int], size: int, device) -> torch.Tensor:
+    inside = _inside(lengths, size, device)
+    return inside[:, :, None] & inside[:, None, :]
+
+
+def _row_chain(attentions, head_fusion, lengths, rows, fused) -> torch.Tensor:
+    """e_t^T A'_L ... A'_1 without writing A' (discard 0): v <- 0.5 v F + 0.5 v per layer, kept inside
+    each sequence. With mean fusion of unfused heads, v F = mean_h (v A_h), so each layer's
+    (B, H, S, S) tensor is read once and no fused matrix is written at all."""
+    first = attentions[0]
+    batch, size = first.shape[0], first.shape[-1]
+    inside = _inside(lengths, size, first.device).float()
+    v = torch.nn.functional.one_hot(torch.as_tensor(rows, device=first.device).long(), size).float()
+    for a in reversed(attentions):
+        if fused:
+            vf = torch.bmm(v[:, None, :], a.float())[:, 0]
+        elif head_fusion == "mean":  # one matrix-vector product per (sequence, head), no copy of `a`
+            heads = a.shape[1]
+            per_head = v[:, None, None, :].expand(batch, heads, 1, size).reshape(batch * heads, 1, size)
+            vf = torch.bmm(per_head, a.float().reshape(batch * heads, size, size)).view(batch, heads, size).mean(1)
+        else:
+            vf = torch.bmm(v[:, None, :], _fuse(a, head_fusion, False).float())[:, 0]
+        v = (0.5 * vf + 0.5 * v) * inside
+    return v
 
 
 def rollout_torch(
@@ -71,6 +105,8 @@ def rollout_torch(
     first = attentions[0]
     batch, size = first.shape[0], first.shape[-1]
     lengths = [size] * batch if lengths is None else [int(n) for n in lengths]
+    if rows is not None and discard_ratio <= 0:
+        return _row_chain(attentions, head_fusion, lengths, rows, fused)
     layers = [prepare_layer(a, lengths, head_fusion, discard_ratio, causal_quantile, fused) for a in attentions]
     inside = torch.zeros(batch, size, dtype=torch.bool, device=first.device)
     for b, n in enumerate(lengths):

@@ -111,3 +111,19 @@ def test_bad_use_is_rejected():
     batch = scheduler.schedule()
     with pytest.raises(ValueError, match="outputs"):
         scheduler.complete(batch, [])
+
+
+def test_pack_rows_balances_whole_texts_and_respects_prefix_rooms():
+    from engine.forward import pack_rows
+
+    lengths = [17, 20, 9, 30, 25, 18, 21, 40, 12, 15, 33, 28, 19, 22, 11]
+    rows = pack_rows(lengths, list(range(len(lengths))), [0] * len(lengths), capacity=100)
+    assert sorted(i for row in rows for i in row) == list(range(len(lengths)))  # each item once
+    loads = [sum(lengths[i] for i in row) for row in rows]
+    assert len(rows) == -(-sum(lengths) // 100) and max(loads) - min(loads) <= max(lengths)
+    # with prefixes: first fit, each row under capacity (or one longer item), prefixes within their room
+    needs = [5] * len(lengths)
+    rows = pack_rows(lengths, [i % 4 for i in range(len(lengths))], needs, capacity=60)
+    assert sorted(i for row in rows for i in row) == list(range(len(lengths)))
+    for row in rows:
+        assert sum(lengths[i] for i in row) <= 60 or len(row) == 1

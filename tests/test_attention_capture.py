@@ -1,0 +1,89 @@
+"""Attention probabilities fused as each layer produces them: equal to `output_attentions`, never more
+than one layer's (B, H, S, S) tensor alive, hooks and attention implementation restored; the attention
+methods at budgets that do not divide the work."""
+
+from __future__ import annotations
+
+import gc
+import random
+import weakref
+
+import pytest
+import torch
+from conftest import FAMILIES, assert_close, random_texts
+
+from engine import Explainer
+from engine import reference as ref
+from engine.attention_capture import attention_modules, fused_attention
+
+
+@pytest.mark.parametrize("fusion", ["mean", "max", "min"])
+def test_capture_equals_output_attentions(family, fusion):
+    name, model, tok = family
+    ids = torch.stack([tok(t, return_tensors="pt")["input_ids"][0] for t in ("the cat sat on", "a dog ran far")])
+    with torch.no_grad():
+        expected = model(ids, output_attentions=True).attentions
+    got = {}
+    with torch.no_grad(), fused_attention(model, fusion, lambda layer, fused: got.setdefault(layer, fused)):
+        model(ids)
+    assert sorted(got) == list(range(len(expected)))
+    for layer, attn in enumerate(expected):
+        assert_close(got[layer], ref.fuse_heads(attn.float(), fusion), what=f"{name} layer {layer}")
+
+
+def test_only_one_layer_of_probabilities_is_alive(llama):
+    model, tok = llama
+    ids = tok("the cat sat on the mat", return_tensors="pt")["input_ids"]
+    alive = []
+    modules = [m for m, _ in attention_modules(model)]
+
+    def spy(module, args, output):  # runs before the capture hook: sees the (B, H, S, S) tensor
+        gc.collect()
+        alive.append(sum(ref() is not None for ref in refs))
+        refs.append(weakref.ref(output[1]))
+
+    refs = []
+    handles = [m.register_forward_hook(spy) for m in modules]
+    try:
+        with torch.no_grad(), fused_attention(model, "mean", lambda layer, fused: None):
+            model(ids)
+    finally:
+        for h in handles:
+            h.remove()
+    assert alive == [0] * len(modules)  # when a layer produces its probabilities, no earlier layer's survive
+
+
+def test_capture_is_scoped(llama):
+    model, tok = llama
+    model.set_attn_implementation("sdpa")
+    hooks_before = [len(m._forward_hooks) for m, _ in attention_modules(model)]
+    with pytest.raises(RuntimeError, match="boom"), fused_attention(model, "mean", lambda *a: None):
+        assert model.config._attn_implementation == "eager"
+        raise RuntimeError("boom")
+    assert model.config._attn_implementation == "sdpa"
+    assert [len(m._forward_hooks) for m, _ in attention_modules(model)] == hooks_before
+
+
+BUDGETS = [(1, 2048, 256), (3, 17, 5), (7, 64, 8), (None, 100_000, 256)]
+
+
+@pytest.mark.parametrize("family_name", list(FAMILIES))
+@pytest.mark.parametrize("budget", BUDGETS, ids=lambda b: f"size{b[0]}-tokens{b[1]}-row{b[2]}")
+def test_attention_methods_at_odd_budgets(family_name, budget):
+    model_fn, tok_fn = FAMILIES[family_name]
+    model, tok = model_fn(), tok_fn()
+    size, tokens, row = budget
+    ex = Explainer(model, tok, max_batch_size=size, max_batch_tokens=tokens, row_capacity=row)
+    texts = random_texts(7, 1, 12)
+    random.shuffle(texts)
+    read = (lambda n: 0) if family_name == "bert" else (lambda n: n - 1)
+    raw = ex.attribute(texts, "raw_attention", layer=1)
+    rolled = ex.attribute(texts, "rollout", head_fusion="min", discard_ratio=0.5)
+    rows = ex.attribute(texts, "rollout", head_fusion="max", full_matrix=False)
+    for text, a, r, w in zip(texts, raw, rolled, rows, strict=True):
+        n = len(a.tokens)
+        assert_close(a.scores, ref.extract_raw_attention(model, tok, text, 1, read(n)), what="raw")
+        expected = ref.compute_rollout(model, tok, text, "min", 0.5, read_pos=read(n), return_matrix=True)
+        assert_close(r.matrix, expected[1], what="rollout matrix")
+        assert_close(r.scores, expected[0], what="rollout row of the matrix")
+        assert_close(w.scores, ref.compute_rollout(model, tok, text, "max", read_pos=read(n)), what="rollout row")
