@@ -2,12 +2,20 @@
 
 `output_attentions=True` makes a model return every layer's (B, H, S, S) probabilities at the end
 of the forward, so all layers' tensors are alive at once. `fused_attention(model, head_fusion, sink)`
-instead hooks the modules that produce the probabilities (the ones transformers records as
-"attentions") for the duration of a `with` block: each layer's probabilities are fused over heads
-(mean, max or min) as soon as the layer returns them, handed to `sink(layer_index, fused)` as a
-(B, S, K) float32 tensor, and dropped from the layer's output, so at most one layer's (B, H, S, K)
-tensor is alive. The hooks are removed on exit. Eager attention is required (only it computes the
-probabilities); the context switches the model to it and back.
+instead hands each layer's head-fused map, (B, S, K) float32, to `sink(layer_index, fused)` as soon as
+the layer has it, for the duration of a `with` block. Two ways (`maps`):
+
+- "eager": the model runs eager attention (the only implementation that computes probabilities);
+  forward hooks on the modules that produce them (the ones transformers records as "attentions")
+  fuse the heads and drop the (B, H, S, K) tensor from the layer's output, so at most one layer's is
+  alive.
+- "recompute": the model runs SDPA through an attention function registered under its own name
+  (`engine_fused_maps`, with eager's 4-D mask function so every call gets an explicit mask); the
+  function passes the post-rotary queries and keys to `kernels.attention_probs`, which recomputes the
+  head-fused maps tile by tile (Triton on CUDA) without the (B, H, S, K) tensor ever existing.
+
+Either way the hooks and the attention implementation are restored on exit. The registration under
+a new name is the registry's extension point: no existing entry of `transformers` is changed.
 """
 
 from __future__ import annotations
@@ -17,6 +25,10 @@ from contextlib import contextmanager
 import torch
 
 from .models import eager_attention
+
+MAPS = ("eager", "recompute")
+_RECOMPUTE = "engine_fused_maps"
+_ACTIVE: dict[int, tuple] = {}  # id(attention module) -> (layer index, head fusion, sink) while capturing
 
 
 def attention_modules(model) -> list[tuple[torch.nn.Module, int]]:
@@ -37,11 +49,61 @@ def attention_modules(model) -> list[tuple[torch.nn.Module, int]]:
     return found
 
 
+def _recording_attention(module, query, key, value, attention_mask, *args, **kwargs):
+    """SDPA, plus the head-fused maps of this call for the capture that registered the module."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    from kernels.attention_probs import attention_probs
+
+    state = _ACTIVE.get(id(module))
+    if state is not None:
+        layer, head_fusion, sink = state
+        mask = attention_mask
+        if mask is not None and mask.dtype == torch.bool:  # True = may attend
+            mask = torch.zeros(mask.shape, device=mask.device).masked_fill(~mask, torch.finfo(torch.float32).min)
+        with torch.no_grad():
+            sink(layer, attention_probs(query, key, head_fusion, mask, kwargs.get("scaling")))
+    return sdpa_attention_forward(module, query, key, value, attention_mask, *args, **kwargs)
+
+
+def _register_recompute() -> None:
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, eager_mask
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    if _RECOMPUTE not in ALL_ATTENTION_FUNCTIONS:
+        ALL_ATTENTION_FUNCTIONS.register(_RECOMPUTE, _recording_attention)
+        ALL_MASK_ATTENTION_FUNCTIONS.register(_RECOMPUTE, eager_mask)
+
+
 @contextmanager
-def fused_attention(model, head_fusion: str, sink):
+def _implementation(model, name: str):
+    previous = model.config._attn_implementation
+    model.set_attn_implementation(name)
+    try:
+        yield
+    finally:
+        model.set_attn_implementation(previous)
+
+
+@contextmanager
+def fused_attention(model, head_fusion: str, sink, maps: str = "eager"):
     from .reference import fuse_heads
 
+    if maps not in MAPS:
+        raise ValueError(f"maps must be one of {list(MAPS)}, got {maps!r}")
     modules = attention_modules(model)
+    if maps == "recompute":
+        _register_recompute()
+        for layer, (module, _) in enumerate(modules):
+            _ACTIVE[id(module)] = (layer, head_fusion, sink)
+        try:
+            with _implementation(model, _RECOMPUTE):
+                yield len(modules)
+        finally:
+            for module, _ in modules:
+                _ACTIVE.pop(id(module), None)
+        return
+
     handles = []
 
     def make_hook(layer: int, index: int):

@@ -50,12 +50,16 @@ class Explainer:
         prefix_reuse: bool = True,
         row_capacity: int = 256,
         progress: bool | None = None,
+        attention_maps: str | None = None,
     ):
         """`max_batch_tokens`: padded tokens per batch, the cached prefix they attend to included
         (default 2048 on the CPU, 32768 on CUDA); `max_batch_size`: items per batch (default: no limit);
         `prefix_reuse`: run causal-LM perturbations from their first changed token over the clean
         prefix cache (classifiers always recompute in full); `row_capacity`: tokens per packed row of
-        suffixes; `progress`: a tqdm bar (default: on for 16 texts or more)."""
+        suffixes; `progress`: a tqdm bar (default: on for 16 texts or more); `attention_maps`: how
+        `raw_attention` and `rollout` get attention maps, "eager" (eager attention, heads fused by hooks
+        as each layer returns them) or "recompute" (the model keeps SDPA; `kernels.attention_probs`
+        recomputes the fused maps from queries and keys), default "recompute" on CUDA, "eager" else."""
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.kind = model_kind(model)
@@ -73,6 +77,13 @@ class Explainer:
         ):
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
+        from .attention_capture import MAPS
+
+        if attention_maps is None:
+            attention_maps = "recompute" if model.device.type == "cuda" else "eager"
+        if attention_maps not in MAPS:
+            raise ValueError(f"attention_maps must be one of {list(MAPS)} or None, got {attention_maps!r}")
+        self.attention_maps = attention_maps
         self.runner = BatchRunner(
             model, self.kind, self.replacement_id, max_batch_tokens, max_batch_size, row_capacity, progress
         )

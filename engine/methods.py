@@ -237,7 +237,7 @@ def fused_attention_blocks(ex, batch: list[PreparedText], head_fusion: str, laye
             else:
                 blocks[t][layer] = fused[t, :n, :n]
 
-    with torch.no_grad(), fused_attention(ex.model, head_fusion, sink):
+    with torch.no_grad(), fused_attention(ex.model, head_fusion, sink, maps=ex.attention_maps):
         if packed:
             suffixes = [Suffix(0, 0, p.input_ids) for p in batch]
             hidden = packed_suffix_forward(ex.model, [], suffixes, ex.runner.row_capacity, layout=layout)

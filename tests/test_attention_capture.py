@@ -17,15 +17,18 @@ from engine import reference as ref
 from engine.attention_capture import attention_modules, fused_attention
 
 
+@pytest.mark.parametrize("maps", ["eager", "recompute"])
 @pytest.mark.parametrize("fusion", ["mean", "max", "min"])
-def test_capture_equals_output_attentions(family, fusion):
+def test_capture_equals_output_attentions(family, fusion, maps):
     name, model, tok = family
     ids = torch.stack([tok(t, return_tensors="pt")["input_ids"][0] for t in ("the cat sat on", "a dog ran far")])
     with torch.no_grad():
         expected = model(ids, output_attentions=True).attentions
     got = {}
-    with torch.no_grad(), fused_attention(model, fusion, lambda layer, fused: got.setdefault(layer, fused)):
+    implementation = model.config._attn_implementation
+    with torch.no_grad(), fused_attention(model, fusion, lambda layer, fused: got.setdefault(layer, fused), maps):
         model(ids)
+    assert model.config._attn_implementation == implementation
     assert sorted(got) == list(range(len(expected)))
     for layer, attn in enumerate(expected):
         assert_close(got[layer], ref.fuse_heads(attn.float(), fusion), what=f"{name} layer {layer}")
@@ -53,27 +56,49 @@ def test_only_one_layer_of_probabilities_is_alive(llama):
     assert alive == [0] * len(modules)  # when a layer produces its probabilities, no earlier layer's survive
 
 
-def test_capture_is_scoped(llama):
+@pytest.mark.parametrize("maps,inside", [("eager", "eager"), ("recompute", "engine_fused_maps")])
+def test_capture_is_scoped(llama, maps, inside):
+    from engine import attention_capture
+
     model, tok = llama
     model.set_attn_implementation("sdpa")
     hooks_before = [len(m._forward_hooks) for m, _ in attention_modules(model)]
-    with pytest.raises(RuntimeError, match="boom"), fused_attention(model, "mean", lambda *a: None):
-        assert model.config._attn_implementation == "eager"
+    with pytest.raises(RuntimeError, match="boom"), fused_attention(model, "mean", lambda *a: None, maps):
+        assert model.config._attn_implementation == inside
         raise RuntimeError("boom")
     assert model.config._attn_implementation == "sdpa"
     assert [len(m._forward_hooks) for m, _ in attention_modules(model)] == hooks_before
+    assert not attention_capture._ACTIVE
+    with pytest.raises(ValueError, match="maps must be one of"), fused_attention(model, "mean", print, "flash"):
+        pass
+
+
+def test_recompute_never_builds_the_head_tensor(llama):
+    """With maps="recompute" the model runs SDPA: no (B, H, S, S) probabilities exist to be returned."""
+    model, tok = llama
+    ids = tok("the cat sat on the mat", return_tensors="pt")["input_ids"]
+    seen = []
+    hooks = [m.register_forward_hook(lambda m, a, out: seen.append(out[1])) for m, _ in attention_modules(model)]
+    try:
+        with torch.no_grad(), fused_attention(model, "mean", lambda *a: None, "recompute"):
+            model(ids)
+    finally:
+        for h in hooks:
+            h.remove()
+    assert len(seen) == len(hooks) and all(w is None for w in seen)
 
 
 BUDGETS = [(1, 2048, 256), (3, 17, 5), (7, 64, 8), (None, 100_000, 256)]
 
 
+@pytest.mark.parametrize("maps", ["eager", "recompute"])
 @pytest.mark.parametrize("family_name", list(FAMILIES))
 @pytest.mark.parametrize("budget", BUDGETS, ids=lambda b: f"size{b[0]}-tokens{b[1]}-row{b[2]}")
-def test_attention_methods_at_odd_budgets(family_name, budget):
+def test_attention_methods_at_odd_budgets(family_name, budget, maps):
     model_fn, tok_fn = FAMILIES[family_name]
     model, tok = model_fn(), tok_fn()
     size, tokens, row = budget
-    ex = Explainer(model, tok, max_batch_size=size, max_batch_tokens=tokens, row_capacity=row)
+    ex = Explainer(model, tok, max_batch_size=size, max_batch_tokens=tokens, row_capacity=row, attention_maps=maps)
     texts = random_texts(7, 1, 12)
     random.shuffle(texts)
     read = (lambda n: 0) if family_name == "bert" else (lambda n: n - 1)
