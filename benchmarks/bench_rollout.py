@@ -10,7 +10,7 @@ H = 9 heads (SmolLM2's shape), S = 64 and 256, causal softmax of random scores. 
 mean over heads of every layer (reads B*H*S*S*L floats once, writes B*S*S*L): rollout from given
 attentions is memory-bound, so that is the least any implementation must spend. Engine entries:
 SmolLM2, the first 20 prompts of `prompts.txt`, mean fusion, the row read (`full_matrix=False`) and
-the full matrix. Median of 5 rounds for the synthetic entries, of 3 for the model entries.
+the full matrix, with attention maps from eager attention and recomputed from q and k (SDPA). Median of 5 rounds for the synthetic entries (3 for the reference loop), of 7 for the model entries.
 """
 
 from __future__ import annotations
@@ -70,26 +70,27 @@ def test_reference_per_text_loop(benchmark, attentions):
 # ------------------------------------------------------------------------------ the method end to end
 
 
-@pytest.fixture(scope="module")
-def engine(smollm2):
+@pytest.fixture(scope="module", params=["eager", "recompute"])
+def engine(smollm2, request):
     model, tok = smollm2
-    ex = Explainer(model, tok, progress=False)
+    ex = Explainer(model, tok, progress=False, attention_maps=request.param)
     ex.attribute("warm up the engine", "rollout")
     return ex
 
 
 @pytest.mark.parametrize("full_matrix", [False, True], ids=["row", "full"])
 def test_rollout_method_engine(benchmark, engine, prompts, full_matrix):
+    benchmark.extra_info["attention_maps"] = engine.attention_maps
     _bench(
         benchmark,
         "rollout method (20 prompts)",
         lambda: engine.attribute(prompts[:20], "rollout", full_matrix=full_matrix),
-        rounds=3,
+        rounds=7,
     )
 
 
 def test_rollout_method_reference_text_by_text(benchmark, smollm2, prompts):
     model, tok = smollm2
     _bench(
-        benchmark, "rollout method (20 prompts)", lambda: [ref.compute_rollout(model, tok, p) for p in prompts[:20]], 3
+        benchmark, "rollout method (20 prompts)", lambda: [ref.compute_rollout(model, tok, p) for p in prompts[:20]], 7
     )
