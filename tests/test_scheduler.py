@@ -127,3 +127,10 @@ def test_pack_rows_balances_whole_texts_and_respects_prefix_rooms():
     assert sorted(i for row in rows for i in row) == list(range(len(lengths)))
     for row in rows:
         assert sum(lengths[i] for i in row) <= 60 or len(row) == 1
+    # the rows are evened out: no more rows than plain first fit, and no wider
+    from engine.forward import _first_fit
+
+    plain = _first_fit(lengths, [i % 4 for i in range(len(lengths))], needs, 60, 60)
+    assert len(rows) <= len(plain)
+    width = max(sum(lengths[i] for i in row) for row in rows)
+    assert width <= max(sum(lengths[i] for i in row) for row in plain)
