@@ -173,7 +173,7 @@ def run_evaluation(args, texts, rationales=None, pairs=()) -> int:
             "per_text": ev.to_records(),
             "failures": [{"index": f.index, "error": str(f.error)} for f in ev.failures],
         }
-        json.dump(out, sys.stdout, indent=2, default=float)
+        json.dump(_strict_json(out), sys.stdout, indent=2, allow_nan=False)
         print()
         return 0
     n = len({r["text_index"] for r in ev.per_text})
@@ -200,6 +200,20 @@ def evaluate_file(args) -> int:
     if not texts:
         raise ValueError(f"{args.file} holds no texts")
     return run_evaluation(args, texts, rationales, pairs)
+
+
+def _strict_json(value):
+    """NaN (a constant score vector's rank correlation, an all-zero vector's entropy) as null, numpy
+    scalars as Python numbers: output any JSON parser reads."""
+    if isinstance(value, dict):
+        return {k: _strict_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_strict_json(v) for v in value]
+    if isinstance(value, (float, np.floating)):
+        return None if np.isnan(value) else float(value)
+    if isinstance(value, np.integer):
+        return int(value)
+    return value
 
 
 def _nan_to_none(matrix: np.ndarray) -> list:
