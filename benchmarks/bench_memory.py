@@ -46,7 +46,9 @@ start = time.perf_counter()
 ex.attribute(texts, "leave_one_out")
 seconds = time.perf_counter() - start
 done[0] = True; t.join()
-print(json.dumps({"texts": n, "peak_delta_mb": (peak[0] - before) / 2**20, "peak_mb": peak[0] / 2**20, "before_mb": before / 2**20, "seconds": seconds}))
+mb = 2**20
+print(json.dumps({"texts": n, "peak_delta_mb": (peak[0] - before) / mb, "peak_mb": peak[0] / mb,
+                  "before_mb": before / mb, "seconds": seconds}))
 """
 
 

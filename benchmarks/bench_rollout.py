@@ -10,7 +10,8 @@ H = 9 heads (SmolLM2's shape), S = 64 and 256, causal softmax of random scores. 
 mean over heads of every layer (reads B*H*S*S*L floats once, writes B*S*S*L): rollout from given
 attentions is memory-bound, so that is the least any implementation must spend. Engine entries:
 SmolLM2, the first 20 prompts of `prompts.txt`, mean fusion, the row read (`full_matrix=False`) and
-the full matrix, with attention maps from eager attention and recomputed from q and k (SDPA). Median of 5 rounds for the synthetic entries (3 for the reference loop), of 7 for the model entries.
+the full matrix, with attention maps from eager attention and recomputed from q and k (SDPA).
+Median of 5 rounds for the synthetic entries (3 for the reference loop), of 7 for the model entries.
 """
 
 from __future__ import annotations

@@ -158,7 +158,13 @@ def packed_clean_caches(model, texts: list[tuple[int, ...]], row_capacity: int) 
 
 
 def packed_suffix_forward(
-    model, caches, suffixes: list[Suffix], row_capacity: int, return_caches: bool = False, layout: list | None = None
+    model,
+    caches,
+    suffixes: list[Suffix],
+    row_capacity: int,
+    return_caches: bool = False,
+    layout: list | None = None,
+    embeds_fn=None,
 ):
     """Hidden state at the last token of each suffix, (len(suffixes), hidden), via the prefix caches.
 
@@ -166,6 +172,7 @@ def packed_suffix_forward(
     With `return_caches`, also each suffix's own per-layer (keys, values), each (1, kv_heads, n, d).
     `layout`, a list, receives each suffix's (row, first column among the keys, first column among
     the queries), for callers that read per-suffix blocks of what the forward produced (attention).
+    `embeds_fn(row_ids)`, when given, makes the rows' input embeddings (LRP differentiates w.r.t. them).
     """
     device = model.device
     cached = [layers[0][0].shape[-2] for layers in caches]  # cached length of each text
@@ -229,8 +236,9 @@ def packed_suffix_forward(
     if layout is not None:  # filled before the forward: hooks running inside it may read it
         layout.extend((r, total + at, at) for r, at in starts)
     base, _ = _base_and_head(model)
+    inputs = {"input_ids": ids.to(device)} if embeds_fn is None else {"inputs_embeds": embeds_fn(ids.to(device))}
     out = base(
-        input_ids=ids.to(device),
+        **inputs,
         position_ids=positions.to(device),
         attention_mask=mask.to(device),
         past_key_values=cache,

@@ -25,7 +25,7 @@ silently treating an unknown module as linear would give wrong relevance.
 from __future__ import annotations
 
 import types
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 
 import torch
 from torch import nn
@@ -249,8 +249,12 @@ def check_supported(model, rule: str = "attnlrp") -> None:
 
 
 @contextmanager
-def lrp_rules(model, rule: str = "attnlrp"):
-    """Install the LRP backward rules on `model` for the duration of the block; always removed."""
+def lrp_rules(model, rule: str | None = "attnlrp"):
+    """Install the LRP backward rules on `model` for the duration of the block; always removed.
+    `rule=None` installs nothing (plain gradient x input: the cost floor LRP is benchmarked against)."""
+    if rule is None:
+        yield model
+        return
     if rule not in LRP_RULES:
         raise ValueError(f"rule must be one of {list(LRP_RULES)}, got {rule!r}")
     overrides, hooks = _plan(model, rule)
@@ -281,8 +285,12 @@ def relevance(model, embeds: torch.Tensor, target_logits_fn, rule: str | None = 
     (plain gradient x input): the cost floor LRP is benchmarked against.
     """
     embeds = embeds.detach().requires_grad_(True)
-    scope = nullcontext() if rule is None else lrp_rules(model, rule)
-    with scope, torch.enable_grad():
+    with lrp_rules(model, rule), torch.enable_grad():
         target_logits = target_logits_fn(embeds)
         (grad,) = torch.autograd.grad(target_logits.sum(), embeds)
-    return (embeds.detach().float() * grad.float()).sum(-1), target_logits.detach().float()
+    return gradient_times_input(embeds, grad), target_logits.detach().float()
+
+
+def gradient_times_input(embeds: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+    """Per-token relevance: the sum over the embedding dimension of embedding * gradient, in float32."""
+    return (embeds.detach().float() * grad.float()).sum(-1)

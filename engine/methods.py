@@ -328,39 +328,71 @@ def run_grad_attention(ex, texts, opts):
 
 
 def run_lrp(ex, texts, opts):
-    """One forward and one backward per batch of equal-length texts, under the LRP rules.
+    """One forward and one backward per batch under the LRP rules: causal LMs pack texts of any
+    length end to end (block-causal rows, as the attention methods), classifiers batch equal lengths.
 
     The forward also scores the clean text (prediction, probability, logit), so LRP needs no separate
     clean pass: it is in `SCORES_ITSELF`."""
+    results = {}
+    for batch in _attention_batches(ex, texts):
+        packed = ex.kind != CLASSIFIER and ex.prefix_reuse
+        relevances, scores = (_lrp_packed if packed else _lrp_stacked)(ex, batch, opts.rule)
+        for p, rel, fields in zip(batch, relevances, _scored_fields(batch, scores), strict=True):
+            results[p.index] = {"scores": rel, **fields}
+    return [results[p.index] for p in texts]
+
+
+def _lrp_stacked(ex, batch: list[PreparedText], rule: str):
+    """Equal-length texts stacked (classifiers; causal LMs without prefix reuse)."""
     import torch
 
     from .batching import frozen_weights
     from .forward import _head_logits, score_logits
     from .lrp import relevance
-    from .models import CLASSIFIER
 
     model = ex.model
-    results = {}
-    for batch in _equal_length_batches(ex, texts):
-        ids = torch.tensor([p.input_ids for p in batch], device=model.device)
-        read_pos = batch[0].read_pos
-        scored = {}
+    scored = {}
 
-        def target_logits(embeds, batch=batch, read_pos=read_pos, scored=scored):
-            if ex.kind == CLASSIFIER:
-                logits = model(inputs_embeds=embeds).logits.float()
-            else:
-                hidden = model.base_model(inputs_embeds=embeds, use_cache=False).last_hidden_state[:, read_pos]
-                logits = _head_logits(model, hidden)
-            scored["scores"] = score_logits(logits, [p.target_id for p in batch], need_prob=True)
-            return scored["scores"].logit
+    def target_logits(embeds):
+        if ex.kind == CLASSIFIER:
+            logits = model(inputs_embeds=embeds).logits.float()
+        else:
+            hidden = model.base_model(inputs_embeds=embeds, use_cache=False).last_hidden_state[:, batch[0].read_pos]
+            logits = _head_logits(model, hidden)
+        scored["scores"] = score_logits(logits, [p.target_id for p in batch], need_prob=True)
+        return scored["scores"].logit
 
-        with frozen_weights(model):
-            embeds = model.get_input_embeddings()(ids)
-            relevances, _ = relevance(model, embeds, target_logits, opts.rule)
-        for b, (p, fields) in enumerate(zip(batch, _scored_fields(batch, scored["scores"]), strict=True)):
-            results[p.index] = {"scores": relevances[b].cpu().numpy(), **fields}
-    return [results[p.index] for p in texts]
+    ids = torch.tensor([p.input_ids for p in batch], device=model.device)
+    with frozen_weights(model):
+        relevances, _ = relevance(model, model.get_input_embeddings()(ids), target_logits, rule)
+    return [r.cpu().numpy() for r in relevances], scored["scores"]
+
+
+def _lrp_packed(ex, batch: list[PreparedText], rule: str):
+    """Texts of any length packed end to end into rows; each text's relevance is cut from its row."""
+    import torch
+
+    from .batching import frozen_weights
+    from .forward import Suffix, _head_logits, packed_suffix_forward, score_logits
+    from .lrp import gradient_times_input, lrp_rules
+
+    model = ex.model
+    rows_embeds, layout = {}, []
+
+    def embeds_fn(row_ids):
+        rows_embeds["x"] = model.get_input_embeddings()(row_ids).detach().requires_grad_(True)
+        return rows_embeds["x"]
+
+    suffixes = [Suffix(0, 0, p.input_ids) for p in batch]
+    with frozen_weights(model), lrp_rules(model, rule), torch.enable_grad():
+        hidden = packed_suffix_forward(model, [], suffixes, ex.runner.row_capacity, layout=layout, embeds_fn=embeds_fn)
+        scores = score_logits(_head_logits(model, hidden), [p.target_id for p in batch], need_prob=True)
+        (grad,) = torch.autograd.grad(scores.logit.sum(), rows_embeds["x"])
+    per_token = gradient_times_input(rows_embeds["x"], grad).cpu().numpy()
+    relevances = [
+        per_token[r, query_at : query_at + len(p.input_ids)] for p, (r, _, query_at) in zip(batch, layout, strict=True)
+    ]
+    return relevances, scores
 
 
 # methods whose own forward scores the clean text (no separate clean pass)
