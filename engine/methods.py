@@ -179,22 +179,6 @@ def _equal_length_batches(ex, texts: list[PreparedText]):
         yield [by_index[item.request] for item in batch.items]
 
 
-def _forward_with_attentions(ex, batch: list[PreparedText], need_grad: bool):
-    import torch
-
-    from .models import eager_attention
-
-    ids = torch.tensor([p.input_ids for p in batch], device=ex.model.device)
-    with eager_attention(ex.model), torch.set_grad_enabled(need_grad):
-        if not need_grad:
-            return None, ex.model(input_ids=ids, output_attentions=True).attentions
-        embeds = ex.model.get_input_embeddings()(ids).detach().requires_grad_(True)
-        out = ex.model(inputs_embeds=embeds, output_attentions=True)
-        logits = out.logits[:, batch[0].read_pos] if out.logits.dim() == 3 else out.logits
-        targets = torch.tensor([p.target_id for p in batch], device=logits.device)
-        return logits.gather(-1, targets[:, None]).sum(), out.attentions
-
-
 def _attention_batches(ex, texts: list[PreparedText]):
     """Batches for the attention capture: causal LMs pack texts of any length end to end (one
     block-causal row layout, no padding, as the clean pass); classifiers batch texts of equal length."""
@@ -312,19 +296,68 @@ def run_rollout(ex, texts, opts):
 
 
 def run_grad_attention(ex, texts, opts):
+    results = {}
+    for batch in _attention_batches(ex, texts):
+        matrices, scores = _gradient_weighted_blocks(ex, batch)
+        for p, matrix, fields in zip(batch, matrices, _scored_fields(batch, scores), strict=True):
+            results[p.index] = {"scores": matrix[p.read_pos], "matrix": matrix, **fields}
+    return [results[p.index] for p in texts]
+
+
+def _gradient_weighted_blocks(ex, batch: list[PreparedText]):
+    """Per text, mean over layers and heads of A * dlogit/dA, (n, n): one forward and one backward for
+    the batch (causal LMs packed end to end, classifiers stacked by equal length). Rows are independent,
+    so the gradient of the sum of every text's target logit gives each its own gradient w.r.t. every
+    layer's attention; the probabilities are taken from the attention modules by scoped hooks."""
     import torch
 
-    results = {}
-    for batch in _equal_length_batches(ex, texts):
-        # one forward and one backward per batch: rows are independent, so the gradient of the sum of
-        # every row's target logit gives each row its own gradient w.r.t. every layer's attention
-        target_sum, attentions = _forward_with_attentions(ex, batch, need_grad=True)
-        grads = torch.autograd.grad(target_sum, attentions)
-        weighted = torch.stack([(a * g).float().mean(dim=1) for a, g in zip(attentions, grads, strict=True)])
-        matrix = weighted.mean(dim=0).detach().cpu().numpy()  # (B, S, S)
-        for b, p in enumerate(batch):
-            results[p.index] = {"scores": matrix[b, p.read_pos], "matrix": matrix[b]}
-    return [results[p.index] for p in texts]
+    from .attention_capture import attention_modules
+    from .batching import frozen_weights
+    from .forward import Suffix, _head_logits, packed_suffix_forward, score_logits
+    from .models import eager_attention
+
+    model = ex.model
+    packed = ex.kind != CLASSIFIER and ex.prefix_reuse
+    probs, layout = [], []
+
+    def keeper(index):
+        return lambda module, args, output: probs.append(output[index])
+
+    def embeds_fn(ids):
+        return model.get_input_embeddings()(ids).detach().requires_grad_(True)
+
+    handles = [module.register_forward_hook(keeper(index)) for module, index in attention_modules(model)]
+    try:
+        with eager_attention(model), frozen_weights(model), torch.enable_grad():
+            if packed:
+                suffixes = [Suffix(0, 0, p.input_ids) for p in batch]
+                hidden = packed_suffix_forward(
+                    model, [], suffixes, ex.runner.row_capacity, layout=layout, embeds_fn=embeds_fn
+                )
+                logits = _head_logits(model, hidden)
+            else:
+                embeds = embeds_fn(torch.tensor([p.input_ids for p in batch], device=model.device))
+                if ex.kind == CLASSIFIER:
+                    logits = model(inputs_embeds=embeds).logits
+                else:
+                    base_out = model.base_model(inputs_embeds=embeds, use_cache=False)
+                    logits = _head_logits(model, base_out.last_hidden_state[:, batch[0].read_pos])
+            scores = score_logits(logits, [p.target_id for p in batch], need_prob=True)
+            grads = torch.autograd.grad(scores.logit.sum(), probs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    weighted = torch.stack([(a * g).float().mean(dim=1) for a, g in zip(probs, grads, strict=True)]).mean(0)
+    weighted = weighted.detach().cpu().numpy()
+    matrices = []
+    for t, p in enumerate(batch):
+        n = len(p.input_ids)
+        if packed:
+            r, key_at, query_at = layout[t]
+            matrices.append(weighted[r, query_at : query_at + n, key_at : key_at + n])
+        else:
+            matrices.append(weighted[t, :n, :n])
+    return matrices, scores
 
 
 def run_lrp(ex, texts, opts):
@@ -396,7 +429,7 @@ def _lrp_packed(ex, batch: list[PreparedText], rule: str):
 
 
 # methods whose own forward scores the clean text (no separate clean pass)
-SCORES_ITSELF = {"lrp", "raw_attention", "rollout"}
+SCORES_ITSELF = {"lrp", "raw_attention", "rollout", "grad_attention"}
 
 
 RUNNERS = {

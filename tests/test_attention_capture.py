@@ -112,3 +112,9 @@ def test_attention_methods_at_odd_budgets(family_name, budget, maps):
         assert_close(r.matrix, expected[1], what="rollout matrix")
         assert_close(r.scores, expected[0], what="rollout row of the matrix")
         assert_close(w.scores, ref.compute_rollout(model, tok, text, "max", read_pos=read(n)), what="rollout row")
+    if maps == "eager":  # grad_attention always runs eager attention (it differentiates the maps)
+        for text, g in zip(texts, ex.attribute(texts, "grad_attention"), strict=True):
+            n = len(g.tokens)
+            matrix = ref.gradient_weighted_attention(model, tok, text, read(n))[0]
+            assert_close(g.matrix, matrix, what="grad_attention matrix")
+            assert_close(g.scores, matrix[read(n)], what="grad_attention row")
