@@ -241,7 +241,7 @@ def evaluate(
                 refs[("suff", str(k))] = plan.replaced([j for j in range(n) if j not in set(top)])
                 refs[("comp", str(k))] = plan.replaced(top)
             if curves:
-                sub = np.asarray(perturbable)
+                sub = np.asarray(perturbable, dtype=int)
                 morf = sub[metrics.rank_tokens(scores[sub])]
                 lerf = sub[metrics.rank_tokens(-scores[sub])]
                 refs["morf"] = [plan.deleted(morf[:c]) if c else None for c in counts]

@@ -186,6 +186,17 @@ def test_unprotected_curves_delete_the_read_position():
     assert ev.curves["leave_one_out"]["morf_prob"][0][-1] == pytest.approx(everything, rel=1e-5)
 
 
+def test_one_token_text_has_flat_curves(llama):
+    model, tok = llama
+    ev = Explainer(model, tok).evaluate(["cat", "the cat sat"], ["leave_one_out", "lrp"], k_values=(1, 3))
+    assert not ev.failures
+    record = next(r for r in ev.per_text if r["text_index"] == 0 and r["method"] == "lrp")
+    assert record["abpc"] == 0.0 and record["aopc_morf"] == pytest.approx(0.0, abs=1e-12)  # nothing to delete
+    # k = 3 is capped at the text's one token; keeping it is the unchanged text
+    assert record["comprehensiveness@3"] == record["comprehensiveness@1"]
+    assert record["sufficiency@1"] == pytest.approx(1.0, rel=1e-6)
+
+
 def test_fractional_k_equals_its_resolved_int(llama):
     model, tok = llama
     text = "the cat sat on the big mat today"  # 8 tokens: 0.25 -> 2
