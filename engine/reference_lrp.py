@@ -295,7 +295,8 @@ def _bert(model, ids, target, rule):
     return r_word.sum(-1), logits[target]
 
 
-_ORACLES = {"llama": _llama, "gpt2": _gpt2, "bert": _bert}
+# Mistral and Qwen2 share Llama's layout (Qwen2 adds q/k/v biases, which the linear rule absorbs)
+_ORACLES = {"llama": _llama, "mistral": _llama, "qwen2": _llama, "gpt2": _gpt2, "bert": _bert}
 
 
 def lrp_reference(model, input_ids, target: int, rule: str = "attnlrp") -> tuple:

@@ -148,3 +148,31 @@ def test_bad_rule_is_a_value_error(llama):
     model, tok = llama
     with pytest.raises(ValueError, match="rule must be one of"):
         Explainer(model, tok).attribute("the cat", "lrp", rule="lrp-0")
+
+
+@pytest.mark.parametrize("model_type", ["mistral", "qwen2"])
+@pytest.mark.parametrize("rule", LRP_RULES)
+def test_other_llama_family_models_equal_the_oracle(model_type, rule):
+    from conftest import VOCAB_SIZE
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(5)
+    config = AutoConfig.for_model(
+        model_type,
+        vocab_size=VOCAB_SIZE,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        attn_implementation="eager",
+    )
+    model, tok = AutoModelForCausalLM.from_config(config).eval(), make_tokenizer()
+    ex = Explainer(model, tok, max_batch_tokens=23)
+    texts = random_texts(4, 1, 10)
+    for text, a in zip(texts, ex.attribute(texts, "lrp", rule=rule), strict=True):
+        expected, logit = lrp_reference(model, tok(text, return_tensors="pt")["input_ids"][0], a.target_id, rule)
+        _assert_relevance_close(a.scores, expected, f"{model_type} {rule} {text!r}")
+        if rule == "cplrp" and model_type == "mistral":  # no biases: conservative
+            assert a.scores.sum() == pytest.approx(logit, rel=1e-4)
