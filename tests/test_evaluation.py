@@ -239,9 +239,10 @@ def test_batched_evaluation_equals_one_text_at_a_time(llama):
             r = next(x for x in together.per_text if x["text_index"] == t and x["method"] == r_alone["method"])
             for key, value in r_alone.items():
                 if isinstance(value, float) and key != "target_prob":
-                    # Gini and entropy normalize |scores| by their sum: LRP's relevances, whose fp32 rounding
-                    # differs between a packed row and a text alone (~1e-6 of the scale), can nearly cancel
-                    # there, and a 1.3e-5 relative difference in entropy was seen once: 1e-4 for those two
+                    # LRP's relevances round differently in a packed row and alone (~1e-6 of the text's
+                    # scale), so its small relevances carry large relative errors; Gini and entropy weigh
+                    # every |score| by its share, and a 1.3e-5 relative difference in entropy was seen once
+                    # in CI: 1e-4 for those two
                     rel = 1e-4 if key in ("gini", "entropy") else 1e-5
                     assert r[key] == pytest.approx(value, rel=rel, abs=1e-6), key
 
