@@ -77,7 +77,8 @@ def test_lrp_batched_equals_one_text_at_a_time(family):
     batched = Explainer(model, tok).attribute(texts, "lrp")
     for text, a in zip(texts, batched, strict=True):
         single = Explainer(model, tok, max_batch_size=1).attribute(text, "lrp")
-        assert_close(a.scores, single.scores, rtol=1e-5, atol=1e-7, what=f"{name} {text!r}")
+        # a packed row and a text alone round differently: entries near zero compared on the text's scale
+        _assert_relevance_close(a.scores, single.scores, f"{name} {text!r}")
 
 
 @pytest.mark.parametrize("rule", LRP_RULES)
