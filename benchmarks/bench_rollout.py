@@ -44,14 +44,21 @@ def _bench(benchmark, group, fn, rounds=5):
     benchmark.pedantic(fn, rounds=rounds, warmup_rounds=1)
 
 
+def _read_bandwidth(benchmark, size: int) -> None:
+    """GB/s of attention read (B*H*S*S*L float32, once): these passes are memory-bound."""
+    benchmark.extra_info["attention_read_GB_per_s"] = B * H * size * size * L * 4 / benchmark.stats.stats.median / 1e9
+
+
 def test_floor_read_once(benchmark, attentions):
     size, layers = attentions
     _bench(benchmark, f"rollout S={size}", lambda: [a.mean(dim=1) for a in layers])
+    _read_bandwidth(benchmark, size)
 
 
 def test_torch_row_engine(benchmark, attentions):
     size, layers = attentions
     _bench(benchmark, f"rollout S={size}", lambda: rollout(layers, rows=[size - 1] * B, backend="torch"))
+    _read_bandwidth(benchmark, size)
 
 
 def test_torch_full_engine(benchmark, attentions):
