@@ -277,20 +277,6 @@ def lrp_rules(model, rule: str | None = "attnlrp"):
 # ------------------------------------------------------------------------------------------- computation
 
 
-def relevance(model, embeds: torch.Tensor, target_logits_fn, rule: str | None = "attnlrp"):
-    """Per-token relevance (B, S) for input embeddings `embeds` (B, S, D) and the target logits (B,).
-
-    `target_logits_fn(embeds)` runs the model and returns each row's target logit; rows are independent,
-    so one backward of their sum seeds every row from its own target logit. `rule=None` runs no rules
-    (plain gradient x input): the cost floor LRP is benchmarked against.
-    """
-    embeds = embeds.detach().requires_grad_(True)
-    with lrp_rules(model, rule), torch.enable_grad():
-        target_logits = target_logits_fn(embeds)
-        (grad,) = torch.autograd.grad(target_logits.sum(), embeds)
-    return gradient_times_input(embeds, grad), target_logits.detach().float()
-
-
 def gradient_times_input(embeds: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
     """Per-token relevance: the sum over the embedding dimension of embedding * gradient, in float32."""
     return (embeds.detach().float() * grad.float()).sum(-1)

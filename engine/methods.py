@@ -165,35 +165,65 @@ def faithfulness(ex, p: PreparedText, scores: np.ndarray, ks: tuple[int, ...]) -
 # ------------------------------------------------------------------------------------ attention methods
 
 
-def _equal_length_batches(ex, texts: list[PreparedText]):
-    """Texts grouped by exact length (no padding) into batches under the engine's budgets."""
+def _batches(ex, texts: list[PreparedText], group):
+    """Texts into batches under the engine's budgets; `group(p)` keeps apart texts that cannot share one."""
     from .scheduler import Scheduler
 
     scheduler = Scheduler(ex.runner.max_batch_tokens, ex.runner.max_batch_size)
     by_index = {p.index: p for p in texts}
     for p in texts:
-        n = len(p.input_ids)
-        scheduler.add(p.index, [WorkItem(p.index, 0, ("attn", n), n)])
+        scheduler.add(p.index, [WorkItem(p.index, 0, group(p), len(p.input_ids))])
     while (batch := scheduler.schedule()) is not None:
         scheduler.complete(batch, [None] * len(batch.items))
         yield [by_index[item.request] for item in batch.items]
+
+
+def _packs_texts(ex) -> bool:
+    """Causal LMs pack texts of any length end to end (block-causal rows, no padding, as the clean
+    pass); classifiers (bidirectional) and `prefix_reuse=False` stack texts of equal length."""
+    return ex.kind != CLASSIFIER and ex.prefix_reuse
 
 
 def _attention_batches(ex, texts: list[PreparedText]):
-    """Batches for the attention capture: causal LMs pack texts of any length end to end (one
-    block-causal row layout, no padding, as the clean pass); classifiers batch texts of equal length."""
-    from .scheduler import Scheduler
+    if _packs_texts(ex):
+        return _batches(ex, texts, lambda p: ("packed",))
+    return _batches(ex, texts, lambda p: ("stacked", len(p.input_ids)))
 
-    if ex.kind == CLASSIFIER or not ex.prefix_reuse:
-        yield from _equal_length_batches(ex, texts)
-        return
-    scheduler = Scheduler(ex.runner.max_batch_tokens, ex.runner.max_batch_size)
-    by_index = {p.index: p for p in texts}
-    for p in texts:
-        scheduler.add(p.index, [WorkItem(p.index, 0, ("packed",), len(p.input_ids))])
-    while (batch := scheduler.schedule()) is not None:
-        scheduler.complete(batch, [None] * len(batch.items))
-        yield [by_index[item.request] for item in batch.items]
+
+def _clean_forward(ex, batch: list[PreparedText], slices: list, embeds_fn=None):
+    """One forward of the clean texts of `batch`; returns the logits read (one row per text).
+
+    `slices` receives, before the forward starts (hooks running inside it may read it), each text's
+    (row, first key column, first query column) in the forward's layout, so a per-text block of
+    anything the forward produces is `x[row, query : query + n, key : key + n]`. `embeds_fn(ids)`,
+    when given, makes the input embeddings (for methods that differentiate w.r.t. them)."""
+    import torch
+
+    from .forward import Suffix, _head_logits, packed_suffix_forward
+
+    model = ex.model
+    if _packs_texts(ex):
+        suffixes = [Suffix(0, 0, p.input_ids) for p in batch]
+        hidden = packed_suffix_forward(model, [], suffixes, ex.runner.row_capacity, layout=slices, embeds_fn=embeds_fn)
+        return _head_logits(model, hidden)
+    slices.extend((t, 0, 0) for t in range(len(batch)))
+    ids = torch.tensor([p.input_ids for p in batch], device=model.device)
+    inputs = {"input_ids": ids} if embeds_fn is None else {"inputs_embeds": embeds_fn(ids)}
+    if ex.kind == CLASSIFIER:
+        return model(**inputs).logits
+    hidden = model.base_model(**inputs, use_cache=False).last_hidden_state[:, batch[0].read_pos]
+    return _head_logits(model, hidden)
+
+
+def _score(batch: list[PreparedText], logits):
+    from .forward import score_logits
+
+    return score_logits(logits, [p.target_id for p in batch], need_prob=True)
+
+
+def _text_block(x, where: tuple[int, int, int], n: int):
+    row, key_at, query_at = where
+    return x[row, query_at : query_at + n, key_at : key_at + n]
 
 
 def fused_attention_blocks(ex, batch: list[PreparedText], head_fusion: str, layers=None):
@@ -204,37 +234,18 @@ def fused_attention_blocks(ex, batch: list[PreparedText], head_fusion: str, laye
     import torch
 
     from .attention_capture import fused_attention
-    from .forward import Suffix, _head_logits, packed_suffix_forward, score_logits
 
-    packed = ex.kind != CLASSIFIER and ex.prefix_reuse
     blocks = [dict() for _ in batch]
-    layout: list = []
+    slices: list = []
 
     def sink(layer, fused):
-        if layers is not None and layer not in layers:
-            return
-        for t, p in enumerate(batch):
-            n = len(p.input_ids)
-            if packed:  # `layout` is filled before the forward starts
-                r, key_at, query_at = layout[t]
-                blocks[t][layer] = fused[r, query_at : query_at + n, key_at : key_at + n]
-            else:
-                blocks[t][layer] = fused[t, :n, :n]
+        if layers is None or layer in layers:
+            for t, p in enumerate(batch):
+                blocks[t][layer] = _text_block(fused, slices[t], len(p.input_ids))
 
     with torch.no_grad(), fused_attention(ex.model, head_fusion, sink, maps=ex.attention_maps):
-        if packed:
-            suffixes = [Suffix(0, 0, p.input_ids) for p in batch]
-            hidden = packed_suffix_forward(ex.model, [], suffixes, ex.runner.row_capacity, layout=layout)
-            logits = _head_logits(ex.model, hidden)
-        else:
-            ids = torch.tensor([p.input_ids for p in batch], device=ex.model.device)
-            if ex.kind == CLASSIFIER:
-                logits = ex.model(input_ids=ids).logits
-            else:
-                hidden = ex.model.base_model(input_ids=ids, use_cache=False).last_hidden_state[:, batch[0].read_pos]
-                logits = _head_logits(ex.model, hidden)
-    scores = score_logits(logits, [p.target_id for p in batch], need_prob=True)
-    return [[b[layer] for layer in sorted(b)] for b in blocks], _scored_fields(batch, scores)
+        logits = _clean_forward(ex, batch, slices)
+    return [[b[layer] for layer in sorted(b)] for b in blocks], _scored_fields(batch, _score(batch, logits))
 
 
 def _scored_fields(batch: list[PreparedText], scores) -> list[dict]:
@@ -295,6 +306,16 @@ def run_rollout(ex, texts, opts):
     return [results[p.index] for p in texts]
 
 
+def _embeds_requiring_grad(ex, holder: dict):
+    """An `embeds_fn` for `_clean_forward` that keeps the embeddings it makes (leaves requiring grad)."""
+
+    def embeds_fn(ids):
+        holder["embeds"] = ex.model.get_input_embeddings()(ids).detach().requires_grad_(True)
+        return holder["embeds"]
+
+    return embeds_fn
+
+
 def run_grad_attention(ex, texts, opts):
     results = {}
     for batch in _attention_batches(ex, texts):
@@ -306,126 +327,55 @@ def run_grad_attention(ex, texts, opts):
 
 def _gradient_weighted_blocks(ex, batch: list[PreparedText]):
     """Per text, mean over layers and heads of A * dlogit/dA, (n, n): one forward and one backward for
-    the batch (causal LMs packed end to end, classifiers stacked by equal length). Rows are independent,
-    so the gradient of the sum of every text's target logit gives each its own gradient w.r.t. every
-    layer's attention; the probabilities are taken from the attention modules by scoped hooks."""
+    the batch. Texts are independent, so the gradient of the sum of every text's target logit gives each
+    its own gradient w.r.t. every layer's attention; the probabilities are taken from the attention
+    modules by scoped hooks."""
     import torch
 
     from .attention_capture import attention_modules
     from .batching import frozen_weights
-    from .forward import Suffix, _head_logits, packed_suffix_forward, score_logits
     from .models import eager_attention
 
     model = ex.model
-    packed = ex.kind != CLASSIFIER and ex.prefix_reuse
-    probs, layout = [], []
+    probs, slices = [], []
 
     def keeper(index):
         return lambda module, args, output: probs.append(output[index])
 
-    def embeds_fn(ids):
-        return model.get_input_embeddings()(ids).detach().requires_grad_(True)
-
     handles = [module.register_forward_hook(keeper(index)) for module, index in attention_modules(model)]
     try:
         with eager_attention(model), frozen_weights(model), torch.enable_grad():
-            if packed:
-                suffixes = [Suffix(0, 0, p.input_ids) for p in batch]
-                hidden = packed_suffix_forward(
-                    model, [], suffixes, ex.runner.row_capacity, layout=layout, embeds_fn=embeds_fn
-                )
-                logits = _head_logits(model, hidden)
-            else:
-                embeds = embeds_fn(torch.tensor([p.input_ids for p in batch], device=model.device))
-                if ex.kind == CLASSIFIER:
-                    logits = model(inputs_embeds=embeds).logits
-                else:
-                    base_out = model.base_model(inputs_embeds=embeds, use_cache=False)
-                    logits = _head_logits(model, base_out.last_hidden_state[:, batch[0].read_pos])
-            scores = score_logits(logits, [p.target_id for p in batch], need_prob=True)
+            scores = _score(batch, _clean_forward(ex, batch, slices, _embeds_requiring_grad(ex, {})))
             grads = torch.autograd.grad(scores.logit.sum(), probs)
     finally:
         for handle in handles:
             handle.remove()
     weighted = torch.stack([(a * g).float().mean(dim=1) for a, g in zip(probs, grads, strict=True)]).mean(0)
     weighted = weighted.detach().cpu().numpy()
-    matrices = []
-    for t, p in enumerate(batch):
-        n = len(p.input_ids)
-        if packed:
-            r, key_at, query_at = layout[t]
-            matrices.append(weighted[r, query_at : query_at + n, key_at : key_at + n])
-        else:
-            matrices.append(weighted[t, :n, :n])
-    return matrices, scores
+    return [_text_block(weighted, where, len(p.input_ids)) for p, where in zip(batch, slices, strict=True)], scores
 
 
 def run_lrp(ex, texts, opts):
-    """One forward and one backward per batch under the LRP rules: causal LMs pack texts of any
-    length end to end (block-causal rows, as the attention methods), classifiers batch equal lengths.
+    """One forward and one backward per batch under the LRP rules (`engine.lrp`), each text seeded
+    from its own target logit; each text's relevance is cut from its row of the batch.
 
     The forward also scores the clean text (prediction, probability, logit), so LRP needs no separate
     clean pass: it is in `SCORES_ITSELF`."""
-    results = {}
-    for batch in _attention_batches(ex, texts):
-        packed = ex.kind != CLASSIFIER and ex.prefix_reuse
-        relevances, scores = (_lrp_packed if packed else _lrp_stacked)(ex, batch, opts.rule)
-        for p, rel, fields in zip(batch, relevances, _scored_fields(batch, scores), strict=True):
-            results[p.index] = {"scores": rel, **fields}
-    return [results[p.index] for p in texts]
-
-
-def _lrp_stacked(ex, batch: list[PreparedText], rule: str):
-    """Equal-length texts stacked (classifiers; causal LMs without prefix reuse)."""
     import torch
 
     from .batching import frozen_weights
-    from .forward import _head_logits, score_logits
-    from .lrp import relevance
-
-    model = ex.model
-    scored = {}
-
-    def target_logits(embeds):
-        if ex.kind == CLASSIFIER:
-            logits = model(inputs_embeds=embeds).logits.float()
-        else:
-            hidden = model.base_model(inputs_embeds=embeds, use_cache=False).last_hidden_state[:, batch[0].read_pos]
-            logits = _head_logits(model, hidden)
-        scored["scores"] = score_logits(logits, [p.target_id for p in batch], need_prob=True)
-        return scored["scores"].logit
-
-    ids = torch.tensor([p.input_ids for p in batch], device=model.device)
-    with frozen_weights(model):
-        relevances, _ = relevance(model, model.get_input_embeddings()(ids), target_logits, rule)
-    return [r.cpu().numpy() for r in relevances], scored["scores"]
-
-
-def _lrp_packed(ex, batch: list[PreparedText], rule: str):
-    """Texts of any length packed end to end into rows; each text's relevance is cut from its row."""
-    import torch
-
-    from .batching import frozen_weights
-    from .forward import Suffix, _head_logits, packed_suffix_forward, score_logits
     from .lrp import gradient_times_input, lrp_rules
 
-    model = ex.model
-    rows_embeds, layout = {}, []
-
-    def embeds_fn(row_ids):
-        rows_embeds["x"] = model.get_input_embeddings()(row_ids).detach().requires_grad_(True)
-        return rows_embeds["x"]
-
-    suffixes = [Suffix(0, 0, p.input_ids) for p in batch]
-    with frozen_weights(model), lrp_rules(model, rule), torch.enable_grad():
-        hidden = packed_suffix_forward(model, [], suffixes, ex.runner.row_capacity, layout=layout, embeds_fn=embeds_fn)
-        scores = score_logits(_head_logits(model, hidden), [p.target_id for p in batch], need_prob=True)
-        (grad,) = torch.autograd.grad(scores.logit.sum(), rows_embeds["x"])
-    per_token = gradient_times_input(rows_embeds["x"], grad).cpu().numpy()
-    relevances = [
-        per_token[r, query_at : query_at + len(p.input_ids)] for p, (r, _, query_at) in zip(batch, layout, strict=True)
-    ]
-    return relevances, scores
+    results = {}
+    for batch in _attention_batches(ex, texts):
+        holder, slices = {}, []
+        with frozen_weights(ex.model), lrp_rules(ex.model, opts.rule), torch.enable_grad():
+            scores = _score(batch, _clean_forward(ex, batch, slices, _embeds_requiring_grad(ex, holder)))
+            (grad,) = torch.autograd.grad(scores.logit.sum(), holder["embeds"])
+        per_token = gradient_times_input(holder["embeds"], grad).cpu().numpy()
+        for p, (row, _, query_at), fields in zip(batch, slices, _scored_fields(batch, scores), strict=True):
+            results[p.index] = {"scores": per_token[row, query_at : query_at + len(p.input_ids)], **fields}
+    return [results[p.index] for p in texts]
 
 
 # methods whose own forward scores the clean text (no separate clean pass)
