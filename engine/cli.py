@@ -59,11 +59,11 @@ def explain(args) -> int:
                 }
                 for m, a in comparison.attributions.items()
             },
-            "spearman": {"methods": methods, "rho": _nan_to_none(comparison.spearman)},
+            "spearman": {"methods": methods, "rho": comparison.spearman},
             "top_k": {m: [{"token": t, "score": s} for t, s in top] for m, top in comparison.top_k.items()},
             "faithfulness": faith,
         }
-        json.dump(report, sys.stdout, indent=2)
+        json.dump(_strict_json(report), sys.stdout, indent=2, allow_nan=False)
         print()
         return 0
 
@@ -169,7 +169,7 @@ def run_evaluation(args, texts, rationales=None, pairs=()) -> int:
             "model": args.model,
             "methods": methods,
             "per_method": ev.per_method,
-            "agreement": {name: _nan_to_none(m) for name, m in ev.agreement.items()},
+            "agreement": ev.agreement,
             "per_text": ev.to_records(),
             "failures": [{"index": f.index, "error": str(f.error)} for f in ev.failures],
         }
@@ -207,17 +207,13 @@ def _strict_json(value):
     scalars as Python numbers: output any JSON parser reads."""
     if isinstance(value, dict):
         return {k: _strict_json(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
+    if isinstance(value, (list, tuple, np.ndarray)):
         return [_strict_json(v) for v in value]
     if isinstance(value, (float, np.floating)):
         return None if np.isnan(value) else float(value)
     if isinstance(value, np.integer):
         return int(value)
     return value
-
-
-def _nan_to_none(matrix: np.ndarray) -> list:
-    return [[None if np.isnan(v) else float(v) for v in row] for row in matrix]
 
 
 def build_parser() -> argparse.ArgumentParser:

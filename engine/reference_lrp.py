@@ -61,11 +61,16 @@ def bilinear_rule(a, b, out, r_out, equation_terms: str, share_a: float, share_b
     return r_a, r_b
 
 
-def attention_rule(q, k, v, scaling, allowed, r_out, rule):
-    """Relevance of per-head q (H, n, d), k (H, n, d), v (H, n, d) given R at probs @ v (H, n, d)."""
+def _softmax_attention(q, k, v, scaling, allowed):
+    """Per-head scores (H, n, n), probabilities and output (H, n, d) of softmax(q k^T * scaling) v."""
     scores = torch.einsum("hid,hjd->hij", q, k) * scaling
     probs = torch.softmax(scores.masked_fill(~allowed, float("-inf")), dim=-1)
-    out = torch.einsum("hij,hjd->hid", probs, v)
+    return scores, probs, torch.einsum("hij,hjd->hid", probs, v)
+
+
+def attention_rule(q, k, v, scaling, allowed, r_out, rule):
+    """Relevance of per-head q (H, n, d), k (H, n, d), v (H, n, d) given R at probs @ v (H, n, d)."""
+    scores, probs, out = _softmax_attention(q, k, v, scaling, allowed)
     if rule == "cplrp":  # probs are constants: out is linear in v
         _, r_v = bilinear_rule(probs, v, out, r_out, "hij,hjd->hid", 0.0, 1.0)
         return torch.zeros_like(q), torch.zeros_like(k), r_v
@@ -102,6 +107,15 @@ def _rotate_half(x):
     return torch.cat((-x2, x1), dim=-1)
 
 
+def _lm_head_relevance(final_map, x, head_row):
+    """Relevance at the final norm's input seeded from the target logit at the last position: the
+    logit h[-1] . w splits over the hidden units as h[-1] * w, then passes the (affine) final norm."""
+    h = final_map(x)
+    r_h = torch.zeros_like(h)
+    r_h[-1] = h[-1] * head_row
+    return linear_rule(final_map, x, r_h), (h[-1] * head_row).sum()
+
+
 # ----------------------------------------------------------------------------------------- the families
 
 
@@ -129,9 +143,7 @@ def _llama(model, ids, target, rule):
         v_lin = _heads(att.v_proj(a_in), kv_heads)
         q, k = rotary(q_lin), rotary(k_lin)
         k_rep, v_rep = k.repeat_interleave(group, 0), v_lin.repeat_interleave(group, 0)
-        scores = torch.einsum("hid,hjd->hij", q, k_rep) * att.scaling
-        probs = torch.softmax(scores.masked_fill(~causal, float("-inf")), -1)
-        o = _merge(torch.einsum("hij,hjd->hid", probs, v_rep))
+        o = _merge(_softmax_attention(q, k_rep, v_rep, att.scaling, causal)[2])
         attn = att.o_proj(o)
         x1 = x + attn
         mlp = layer.mlp
@@ -145,13 +157,7 @@ def _llama(model, ids, target, rule):
         tape.append(locals().copy())
         x = x2
 
-    final_map = _rms_affine(base.norm, x)
-    h = final_map(x)
-    w = model.lm_head.weight[target]
-    r_h = torch.zeros_like(h)
-    r_h[-1] = h[-1] * w
-    logit = (h[-1] * w).sum()
-    r = linear_rule(final_map, x, r_h)
+    r, logit = _lm_head_relevance(_rms_affine(base.norm, x), x, model.lm_head.weight[target])
 
     for t in reversed(tape):
         r_x1, r_down = add_rule([t["x1"], t["down"]], r)
@@ -199,9 +205,7 @@ def _gpt2(model, ids, target, rule):
         e = att.embed_dim
         q, k, v = (_heads(qkv[:, i * e : (i + 1) * e], heads) for i in range(3))
         scaling = att.head_dim**-0.5
-        scores = torch.einsum("hid,hjd->hij", q, k) * scaling
-        probs = torch.softmax(scores.masked_fill(~causal, float("-inf")), -1)
-        o = _merge(torch.einsum("hij,hjd->hid", probs, v))
+        o = _merge(_softmax_attention(q, k, v, scaling, causal)[2])
         attn = att.c_proj(o)
         x1 = x + attn
         ln2_map = _layer_norm_affine(block.ln_2, x1)
@@ -212,13 +216,7 @@ def _gpt2(model, ids, target, rule):
         x2 = x1 + down
         tape.append(locals().copy())
         x = x2
-    final_map = _layer_norm_affine(base.ln_f, x)
-    h = final_map(x)
-    w = model.lm_head.weight[target]
-    r_h = torch.zeros_like(h)
-    r_h[-1] = h[-1] * w
-    logit = (h[-1] * w).sum()
-    r = linear_rule(final_map, x, r_h)
+    r, logit = _lm_head_relevance(_layer_norm_affine(base.ln_f, x), x, model.lm_head.weight[target])
     for t in reversed(tape):
         r_x1, r_down = add_rule([t["x1"], t["down"]], r)
         r_act = linear_rule(t["block"].mlp.c_proj, t["act"], r_down)
@@ -252,9 +250,7 @@ def _bert(model, ids, target, rule):
         sa = layer.attention.self
         q, k, v = (_heads(proj(x), heads) for proj in (sa.query, sa.key, sa.value))
         scaling = sa.attention_head_size**-0.5
-        scores = torch.einsum("hid,hjd->hij", q, k) * scaling
-        probs = torch.softmax(scores, -1)
-        o = _merge(torch.einsum("hij,hjd->hid", probs, v))
+        o = _merge(_softmax_attention(q, k, v, scaling, everyone)[2])
         dense = layer.attention.output.dense(o)
         s1 = dense + x
         ln1_map = _layer_norm_affine(layer.attention.output.LayerNorm, s1)

@@ -152,6 +152,15 @@ def family(request):
     return request.param, model_fn(), tok_fn()
 
 
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    """The tiny Llama and its tokenizer saved to a folder: a real model path for the CLI processes."""
+    path = tmp_path_factory.mktemp("tiny-llama")
+    tiny_llama().save_pretrained(path)
+    make_tokenizer().save_pretrained(path)
+    return path
+
+
 @pytest.fixture
 def llama():
     return tiny_llama(), make_tokenizer()

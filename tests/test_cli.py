@@ -6,21 +6,11 @@ import json
 import subprocess
 import sys
 
-import pytest
 from conftest import assert_close, make_tokenizer, tiny_llama
 
 from engine import reference as ref
 
 TEXT = "the cat sat on the mat because it was"
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny-llama")
-    model, tok = tiny_llama(), make_tokenizer()
-    model.save_pretrained(path)
-    tok.save_pretrained(path)
-    return path
 
 
 def _run(*args, timeout=300):

@@ -21,15 +21,6 @@ CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny-llama")
-    model, tok = tiny_llama(), make_tokenizer()
-    model.save_pretrained(path)
-    tok.save_pretrained(path)
-    return path
-
-
-@pytest.fixture(scope="module")
 def evaluation():
     ex = Explainer(tiny_llama(), make_tokenizer())
     return ex, ex.evaluate(TEXTS, ["rollout", "leave_one_out", "lrp"], curve_steps=4)
