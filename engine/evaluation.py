@@ -196,7 +196,10 @@ def evaluate(
 
     # ---- attribute every text (and every paraphrase) with every method, each method batched
     pair_texts = [t for pair in pairs for t in pair]
-    attributed = {m: ex.attribute(texts + pair_texts, m, **method_options.get(m, {})) for m in methods}
+    clean_cache: dict = {}  # one clean pass per text, whatever the number of perturbation methods
+    attributed = {
+        m: ex._attribute(texts + pair_texts, m, None, method_options.get(m, {}), clean_cache) for m in methods
+    }
     failures, kept = [], []
     for i in range(len(texts)):
         bad = next((attributed[m][i] for m in methods if not attributed[m][i]), None)

@@ -115,6 +115,11 @@ class Explainer:
         index; the other texts are attributed as usual. A single text raises the error instead.
         `target`: None (the model's prediction), a token id / class index, or a token string / label.
         """
+        return self._attribute(texts, method, target, options, clean_cache=None)
+
+    def _attribute(self, texts, method: str, target, options: dict, clean_cache: dict | None):
+        """`attribute`; `clean_cache` (text, target) -> clean-pass result, shared by calls that
+        attribute the same texts with several methods (`evaluate`), so each text is scored once."""
         opts = make_options(method, **options)
         self._check_model_level(method, opts)
         single = isinstance(texts, str)
@@ -130,13 +135,22 @@ class Explainer:
                     raise
                 failures[i] = AttributionFailure(index=i, text=text, method=method, error=err)
         if prepared and method not in methods.SCORES_ITSELF:
-            prepared = methods.clean_pass(self, prepared)
+            prepared = self._clean(prepared, {} if clean_cache is None else clean_cache)
         computed = RUNNERS[method](self, prepared, opts) if prepared else []
         results = dict(failures)
         for p, fields in zip(prepared, computed, strict=True):
             results[p.index] = self._attribution(p, method, opts, fields)
         ordered = [results[i] for i in range(len(batch))]
         return ordered[0] if single else ordered
+
+    def _clean(self, prepared: list[PreparedText], cache: dict) -> list[PreparedText]:
+        """The clean pass for the texts not yet in `cache`; every text's scored entry from the cache."""
+        missing = [p for p in prepared if (p.text, p.target_id) not in cache]
+        if missing:
+            cleaned = methods.clean_pass(self, missing)
+            cache.update(((p.text, p.target_id), c) for p, c in zip(missing, cleaned, strict=True))
+        # cleaned entries keep the text's position in this call's list
+        return [dataclasses.replace(cache[(p.text, p.target_id)], index=p.index) for p in prepared]
 
     def predict(self, text: str) -> tuple[str, float]:
         """The predicted token (or class label) and its probability."""
