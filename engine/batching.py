@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .forward import Suffix, _head_logits, full_forward, packed_clean_caches, packed_suffix_forward, score_logits
+from .forward import RowLayout, Suffix, _head_logits, full_forward, packed_clean_caches, packed_suffix_forward, score_logits
 from .models import CLASSIFIER
 from .scheduler import Batch, Scheduler, WorkItem
 
@@ -113,7 +113,7 @@ class BatchRunner:
         """Run every request's items; return request -> outputs in item order."""
         self._texts = texts
         self._suffix_left = {}
-        scheduler = Scheduler(self.max_batch_tokens, self.max_batch_size)
+        scheduler = Scheduler(self.max_batch_tokens, self.max_batch_size, self.batch_cost)
         n_items = 0
         for request, items in requests.items():
             scheduler.add(request, items)
@@ -133,6 +133,21 @@ class BatchRunner:
                 bar.update(len(batch.items))
         self._caches.clear()
         return results
+
+    def batch_cost(self, group, items: list[WorkItem]) -> int:
+        """Padded tokens of a batch as it will be laid out: packed rows hold their texts' cached
+        prefixes and their suffixes end to end (rows x (prefix + query columns)); other kinds stack
+        equal lengths, so they cost their tokens."""
+        if group[0] == "suffix":
+            keys = list(dict.fromkeys(item.payload.text for item in items))
+            slot = {key: i for i, key in enumerate(keys)}
+            cached = [len(self._texts[key]) for key in keys]
+            suffixes = [Suffix(slot[i.payload.text], i.payload.start, i.payload.ids) for i in items]
+        elif group[0] == "packed":
+            cached, suffixes = [], [Suffix(0, 0, item.payload.ids) for item in items]
+        else:
+            return sum(item.tokens for item in items)
+        return RowLayout.of(suffixes, cached, self.row_capacity).padded_tokens
 
     def _execute_splitting_on_oom(self, batch: Batch) -> list:
         try:
@@ -156,7 +171,7 @@ class BatchRunner:
                 out
                 for part in parts
                 for out in self._execute_splitting_on_oom(
-                    Batch(group=batch.group, items=part, tokens=sum(i.tokens for i in part))
+                    Batch(group=batch.group, items=part, tokens=self.batch_cost(batch.group, part))
                 )
             ]
 

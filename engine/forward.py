@@ -150,6 +150,40 @@ def _first_fit(lengths, texts, prefix_lengths, capacity: int, prefix_capacity: i
     return rows
 
 
+@dataclass
+class RowLayout:
+    """How `packed_suffix_forward` lays suffixes out: rows of [cached prefixes | suffixes end to end]."""
+
+    rows: list[list[int]]  # suffix indices per row
+    prefix_offsets: list[dict[int, int]]  # per row: text -> first column of its cached prefix
+    prefix_width: int  # prefix columns (the widest row's cached prefixes)
+    query_width: int  # query columns (the widest row's suffixes)
+
+    @classmethod
+    def of(cls, suffixes: list[Suffix], cached: list[int], capacity: int) -> RowLayout:
+        """`cached[t]`: the cached length of text t (a suffix starting at 0 reads no cache)."""
+        lengths = [len(s.ids) for s in suffixes]
+        needs = [cached[s.text] if s.start > 0 else 0 for s in suffixes]
+        rows = pack_rows(lengths, [s.text for s in suffixes], needs, capacity)
+        offsets = []
+        for row in rows:
+            row_offsets, at = {}, 0
+            for i in row:
+                t = suffixes[i].text
+                if needs[i] and t not in row_offsets:
+                    row_offsets[t] = at
+                    at += cached[t]
+            offsets.append(row_offsets)
+        prefix_width = max((sum(cached[t] for t in offs) for offs in offsets), default=0)
+        query_width = max(sum(lengths[i] for i in row) for row in rows)
+        return cls(rows, offsets, prefix_width, query_width)
+
+    @property
+    def padded_tokens(self) -> int:
+        """Key columns the batch holds per layer: what the token budget bounds."""
+        return len(self.rows) * (self.prefix_width + self.query_width)
+
+
 def packed_clean_caches(model, texts: list[tuple[int, ...]], row_capacity: int) -> list[list]:
     """`clean_cache` of several texts from one packed forward (each text a suffix starting at 0)."""
     suffixes = [Suffix(0, 0, ids) for ids in texts]
@@ -176,21 +210,9 @@ def packed_suffix_forward(
     """
     device = model.device
     cached = [layers[0][0].shape[-2] for layers in caches]  # cached length of each text
+    plan = RowLayout.of(suffixes, cached, row_capacity)
+    rows, row_offsets, total, width = plan.rows, plan.prefix_offsets, plan.prefix_width, plan.query_width
     lengths = [len(s.ids) for s in suffixes]
-    needs = [cached[s.text] if s.start > 0 else 0 for s in suffixes]
-    rows = pack_rows(lengths, [s.text for s in suffixes], needs, row_capacity)
-    # each row's prefix: the caches of the texts its suffixes read, end to end
-    row_offsets = []
-    for row in rows:
-        offsets, at = {}, 0
-        for i in row:
-            t = suffixes[i].text
-            if needs[i] and t not in offsets:
-                offsets[t] = at
-                at += cached[t]
-        row_offsets.append(offsets)
-    total = max((sum(cached[t] for t in offs) for offs in row_offsets), default=0)
-    width = max(sum(lengths[i] for i in row) for row in rows)
     n_rows = len(rows)
 
     ids = torch.zeros(n_rows, width, dtype=torch.long)

@@ -38,14 +38,14 @@ class PreparedText:
 
 def perturbation_item(ex, p: PreparedText, request, index: int, perturbed: list[int], need_prob: bool) -> WorkItem:
     """One perturbed copy of `p` as a work item: a suffix over the clean prefix cache (causal LMs with
-    prefix reuse) or a full sequence. Its cost is the full length either way: the suffix's query
-    tokens plus the cached prefix tokens it attends to."""
+    prefix reuse) or a full sequence. A suffix's own tokens are those it recomputes; the runner's
+    `batch_cost` adds the cached prefixes its batch's rows hold, and the padding."""
     n = len(perturbed)
     if ex.prefix_reuse:
         start = next((i for i in range(n) if perturbed[i] != p.input_ids[i]), n - 1)
         start = min(start, n - 1)  # an unchanged copy still recomputes the read position
         payload = SuffixPayload(p.index, start, tuple(perturbed[start:]), p.target_id, need_prob)
-        return WorkItem(request, index, ("suffix",), n, payload)
+        return WorkItem(request, index, ("suffix",), n - start, payload)
     return WorkItem(request, index, ("full", n), n, FullPayload(tuple(perturbed), p.target_id, need_prob))
 
 

@@ -7,7 +7,10 @@ to `complete()`, which returns the requests whose every item is done, outputs in
 Packing rule: items only share a batch when they share a `group` (the runner that executes them and,
 where rows must have equal length, the length). The next batch takes the group of the oldest pending
 item and fills it with that group's items in submission order, until adding one more would exceed
-`max_batch_tokens` or `max_batch_size`. Submission order within a group keeps requests finishing
+`max_batch_tokens` or `max_batch_size`. A batch costs the sum of its items' tokens, or what the
+runner's `batch_cost(group, items)` says when it lays items out with padding and shared cached
+prefixes (rows x (prefix columns + query columns)), so the budget bounds the padded tokens a batch
+holds in memory, whatever mix of texts it packs. Submission order within a group keeps requests finishing
 roughly in order, so per-request state (a prefix cache) lives only while its items are in flight.
 An item that alone exceeds `max_batch_tokens` runs alone: it cannot be split.
 """
@@ -16,7 +19,7 @@ from __future__ import annotations
 
 import itertools
 from collections import deque
-from collections.abc import Hashable, Iterable
+from collections.abc import Callable, Hashable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,7 +29,7 @@ class WorkItem:
     request: Hashable  # the request this item belongs to
     index: int  # position among its request's items; outputs come back in this order
     group: Hashable  # items run together only within one group (runner kind, sequence length, ...)
-    tokens: int  # cost against max_batch_tokens: padded query tokens + cached prefix tokens attended
+    tokens: int  # the tokens this item computes; a batch costs their sum, or `batch_cost` of them
     payload: Any = None  # what the runner needs (ids, step, ...); opaque to the scheduler
 
 
@@ -34,7 +37,7 @@ class WorkItem:
 class Batch:
     group: Hashable  # the group every item shares
     items: list[WorkItem]  # in submission order
-    tokens: int  # sum of the items' costs
+    tokens: int  # the batch's cost against max_batch_tokens
 
 
 @dataclass
@@ -44,13 +47,21 @@ class _Request:
 
 
 class Scheduler:
-    def __init__(self, max_batch_tokens: int, max_batch_size: int | None = None):
+    def __init__(
+        self,
+        max_batch_tokens: int,
+        max_batch_size: int | None = None,
+        batch_cost: Callable[[Hashable, list[WorkItem]], int] | None = None,
+    ):
+        """`batch_cost(group, items)`: a batch's cost when it is more than the sum of its items'
+        tokens (padding, shared prefixes); it must be at least that sum and grow as items are added."""
         if max_batch_tokens < 1:
             raise ValueError(f"max_batch_tokens must be >= 1, got {max_batch_tokens}")
         if max_batch_size is not None and max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
         self.max_batch_tokens = max_batch_tokens
         self.max_batch_size = max_batch_size
+        self.batch_cost = batch_cost
         self._queues: dict[Hashable, deque[tuple[int, WorkItem]]] = {}  # group -> (sequence no., item)
         self._requests: dict[Hashable, _Request] = {}
         self._sequence = itertools.count()
@@ -80,18 +91,39 @@ class Scheduler:
             return None
         _, group = min(heads)
         queue = self._queues[group]
-        items, tokens = [], 0
-        while queue:
-            item = queue[0][1]
-            full = self.max_batch_size is not None and len(items) >= self.max_batch_size
-            if items and (full or tokens + item.tokens > self.max_batch_tokens):
+        # the longest run of queued items whose own tokens fit: a bound for any batch cost
+        limit = len(queue) if self.max_batch_size is None else min(len(queue), self.max_batch_size)
+        items, own = [], 0
+        for _, item in itertools.islice(queue, limit):
+            if items and own + item.tokens > self.max_batch_tokens:
                 break
-            queue.popleft()
             items.append(item)
-            tokens += item.tokens
+            own += item.tokens
+        tokens = own
+        if self.batch_cost is not None:
+            items, tokens = self._fit(group, items)
+        for _ in items:
+            queue.popleft()
         if not queue:
             del self._queues[group]
         return Batch(group=group, items=items, tokens=tokens)
+
+    def _fit(self, group: Hashable, items: list[WorkItem]) -> tuple[list[WorkItem], int]:
+        """The longest leading run of `items` whose `batch_cost` fits the budget (at least one item),
+        by bisection: the cost grows with the run, and each evaluation lays the batch out."""
+        cost = self.batch_cost(group, items)
+        if cost <= self.max_batch_tokens:
+            return items, cost
+        lo, hi = 1, len(items)  # the run of `lo` items fits (or lo == 1); `hi` items do not
+        lo_cost = self.batch_cost(group, items[:1])
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            mid_cost = self.batch_cost(group, items[:mid])
+            if mid_cost <= self.max_batch_tokens:
+                lo, lo_cost = mid, mid_cost
+            else:
+                hi = mid
+        return items[:lo], lo_cost
 
     def complete(self, batch: Batch, outputs: list) -> list[tuple[Hashable, list]]:
         """Record a batch's outputs (one per item, in item order); return finished (request, outputs)."""

@@ -82,6 +82,30 @@ def test_prefix_reuse_equals_full_recompute(family_name):
             assert_close(a.scores, b.scores, what=f"{family_name} {method}")
 
 
+@pytest.mark.parametrize("budget,row", [(40, 9), (64, 8), (300, 32)])
+def test_suffix_batches_hold_at_most_the_budget_in_padded_tokens(budget, row):
+    """The budget bounds what a batch holds: rows x (cached prefix columns + query columns), read off
+    the 4-D masks the model actually receives (a lone item larger than the budget runs alone)."""
+    model, tok = tiny_llama(), make_tokenizer()
+    ex = Explainer(model, tok, max_batch_tokens=budget, row_capacity=row)
+    seen = []
+
+    def record(module, args, kwargs):
+        cache, mask = kwargs.get("past_key_values"), kwargs.get("attention_mask")
+        if cache is not None and cache.get_seq_length() > 0:  # a suffix batch over prefix caches
+            seen.append((mask.shape[0] * mask.shape[-1], kwargs["position_ids"]))
+
+    handle = model.base_model.register_forward_pre_hook(record, with_kwargs=True)
+    try:
+        ex.attribute(random_texts(9, 3, 16), "leave_one_out")
+    finally:
+        handle.remove()
+    assert seen
+    for padded, positions in seen:
+        lone = int((positions[:, 1:] <= positions[:, :-1]).sum()) == 0 and positions.shape[0] == 1
+        assert padded <= budget or lone, (padded, budget)
+
+
 def test_classifiers_recompute_in_full():
     model, tok = FAMILIES["bert"][0](), FAMILIES["bert"][1]()
     assert not Explainer(model, tok).prefix_reuse

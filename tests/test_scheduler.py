@@ -89,6 +89,32 @@ def test_batches_are_full_and_follow_submission_order():
     ]
 
 
+def _padded_cost(group, items):
+    # a non-additive cost, like a runner's padded layout: items stacked to the longest, plus 10
+    return len(items) * max(item.tokens for item in items) + 10
+
+
+@pytest.mark.parametrize("max_tokens,max_size", [(1, None), (25, 3), (64, None), (200, 7)])
+def test_a_runner_cost_bounds_every_batch(max_tokens, max_size):
+    rng = random.Random(max_tokens)
+    requests = _random_requests(rng, 12)
+    scheduler = Scheduler(max_tokens, max_size, batch_cost=_padded_cost)
+    for name, items in requests.items():
+        scheduler.add(name, items)
+    batches, finished = _drain(scheduler)
+    seen = sorted((item.request, item.index) for b in batches for item in b.items)
+    assert seen == sorted((r, i.index) for r, items in requests.items() for i in items)
+    for b in batches:
+        assert b.tokens == _padded_cost(b.group, b.items)
+        assert b.tokens <= max_tokens or len(b.items) == 1
+        assert max_size is None or len(b.items) <= max_size
+    assert set(finished) == set(requests)
+    # batches are as large as the budget allows: one more item of the group would not have fit
+    scheduler = Scheduler(60, batch_cost=_padded_cost)
+    scheduler.add("a", [WorkItem("a", i, "g", 10, (0, i)) for i in range(12)])
+    assert [len(b.items) for b in _drain(scheduler)[0]] == [5, 5, 2]  # 5 x 10 + 10 = 60
+
+
 def test_oversize_item_runs_alone():
     scheduler = Scheduler(max_batch_tokens=5)
     scheduler.add("a", [WorkItem("a", i, "g", cost, (0, i)) for i, cost in enumerate([2, 9, 2])])
