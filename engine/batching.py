@@ -79,6 +79,19 @@ def _is_oom(err: BaseException) -> bool:
     return isinstance(err, torch.OutOfMemoryError) or "out of memory" in str(err).lower()
 
 
+def _suffixes_over_caches(payloads: list[SuffixPayload]) -> tuple[list[Hashable], list[Suffix]]:
+    """The batch's text keys in first-seen order, and each payload as a `Suffix` over the cache slot
+    of its text in that order (the layout `batch_cost` prices and `_run_suffixes` runs)."""
+    keys = list(dict.fromkeys(p.text for p in payloads))
+    slot = {key: i for i, key in enumerate(keys)}
+    return keys, [Suffix(slot[p.text], p.start, p.ids) for p in payloads]
+
+
+def _whole_texts(payloads: list[FullPayload]) -> list[Suffix]:
+    """Whole sequences as suffixes that start at 0 and read no cache (the packed clean pass)."""
+    return [Suffix(0, 0, p.ids) for p in payloads]
+
+
 class BatchRunner:
     def __init__(
         self,
@@ -138,13 +151,12 @@ class BatchRunner:
         """Padded tokens of a batch as it will be laid out: packed rows hold their texts' cached
         prefixes and their suffixes end to end (rows x (prefix + query columns)); other kinds stack
         equal lengths, so they cost their tokens."""
+        payloads = [item.payload for item in items]
         if group[0] == "suffix":
-            keys = list(dict.fromkeys(item.payload.text for item in items))
-            slot = {key: i for i, key in enumerate(keys)}
+            keys, suffixes = _suffixes_over_caches(payloads)
             cached = [len(self._texts[key]) for key in keys]
-            suffixes = [Suffix(slot[i.payload.text], i.payload.start, i.payload.ids) for i in items]
         elif group[0] == "packed":
-            cached, suffixes = [], [Suffix(0, 0, item.payload.ids) for item in items]
+            cached, suffixes = [], _whole_texts(payloads)
         else:
             return sum(item.tokens for item in items)
         return RowLayout.of(suffixes, cached, self.row_capacity).padded_tokens
@@ -217,20 +229,17 @@ class BatchRunner:
     @torch.no_grad()
     def _run_packed(self, payloads: list[FullPayload]) -> list[ForwardOutput]:
         """Whole sequences of any lengths packed end to end (causal LMs): no padding, no length groups."""
-        suffixes = [Suffix(0, 0, p.ids) for p in payloads]
-        hidden = packed_suffix_forward(self.model, [], suffixes, self.row_capacity)
+        hidden = packed_suffix_forward(self.model, [], _whole_texts(payloads), self.row_capacity)
         need_prob = any(p.need_prob for p in payloads)
         return self._outputs(score_logits(_head_logits(self.model, hidden), [p.target for p in payloads], need_prob))
 
     @torch.no_grad()
     def _run_suffixes(self, payloads: list[SuffixPayload]) -> list[ForwardOutput]:
-        keys = list(dict.fromkeys(p.text for p in payloads))
+        keys, suffixes = _suffixes_over_caches(payloads)
         missing = [key for key in keys if key not in self._caches]
         if missing:  # the clean prefixes of every text new to this batch, in one packed forward
             built = packed_clean_caches(self.model, [self._texts[k] for k in missing], self.row_capacity)
             self._caches.update(zip(missing, built, strict=True))
-        slot = {key: i for i, key in enumerate(keys)}
-        suffixes = [Suffix(slot[p.text], p.start, p.ids) for p in payloads]
         hidden = packed_suffix_forward(self.model, [self._caches[k] for k in keys], suffixes, self.row_capacity)
         need_prob = any(p.need_prob for p in payloads)
         return self._outputs(score_logits(_head_logits(self.model, hidden), [p.target for p in payloads], need_prob))

@@ -171,16 +171,12 @@ def evaluate(
     paraphrases: Sequence[tuple[str, str]] | None = None,
     method_options: dict[str, dict] | None = None,
 ) -> Evaluation:
-    from .options import available_methods, make_options
+    from .options import check_method_options, make_options
 
     texts = ex._as_list(texts)
     methods = list(methods)
-    if not methods:
-        raise ValueError(f"methods must name at least one of {available_methods()}")
     method_options = method_options or {}
-    unknown = sorted(set(method_options) - set(methods))
-    if unknown:
-        raise ValueError(f"method_options given for methods not evaluated: {unknown}")
+    check_method_options(methods, method_options, "evaluated", name="method_options")
     for m in methods:
         make_options(m, **method_options.get(m, {}))  # validate every option before any work
     ks = _check_k_values(k_values)

@@ -28,7 +28,7 @@ from .models import (
     model_kind,
     replacement_id,
 )
-from .options import available_methods, make_options
+from .options import available_methods, check_method_options, make_options
 from .results import Attribution, AttributionFailure, Comparison
 
 # Token budgets per batch (query tokens + cached prefix tokens). On the 2-core CPU, forwards reach most
@@ -184,12 +184,8 @@ class Explainer:
     ) -> Comparison:
         """Several methods on one text: normalized scores, Spearman matrix, top-k tokens per method."""
         methods = list(methods) if methods is not None else available_methods()
-        if not methods:
-            raise ValueError(f"methods must name at least one of {available_methods()}")
         options = options or {}
-        unknown = sorted(set(options) - set(methods))
-        if unknown:
-            raise ValueError(f"options given for methods not compared: {unknown}")
+        check_method_options(methods, options, "compared")
         attributions = {m: self.attribute(text, m, target=target, **options.get(m, {})) for m in methods}
         first = attributions[methods[0]]
         # as the seed's `argsort(...)[-3:]`, a text shorter than top_k shows all its tokens

@@ -119,3 +119,13 @@ def make_options(method: str, **options):
     if unknown:
         raise ValueError(f"unknown option(s) {unknown} for method {method!r}; valid options: {valid or 'none'}")
     return cls(**options)
+
+
+def check_method_options(methods: list[str], options: dict[str, dict], action: str, name: str = "options") -> None:
+    """At least one method, and per-method options (the argument `name`) only for methods in
+    `methods`; `action` ("compared", "evaluated") says in the message what is done with them."""
+    if not methods:
+        raise ValueError(f"methods must name at least one of {available_methods()}")
+    unknown = sorted(set(options) - set(methods))
+    if unknown:
+        raise ValueError(f"{name} given for methods not {action}: {unknown}")
