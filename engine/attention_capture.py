@@ -24,6 +24,8 @@ from contextlib import contextmanager
 
 import torch
 
+from kernels.common import upcast
+
 from .models import eager_attention
 
 MAPS = ("eager", "recompute")
@@ -111,7 +113,7 @@ def fused_attention(model, head_fusion: str, sink, maps: str = "eager"):
             probs = output[index]
             if probs is None:
                 raise RuntimeError("the attention module returned no probabilities: is eager attention on?")
-            sink(layer, fuse_heads(probs.float(), head_fusion))
+            sink(layer, fuse_heads(upcast(probs), head_fusion))
             return (*output[:index], None, *output[index + 1 :])
 
         return hook

@@ -30,6 +30,8 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
+from kernels.common import upcast
+
 LRP_RULES = ("attnlrp", "cplrp")
 
 # model_type -> class-name prefix of the families with rules. The Llama family shares Llama's module
@@ -278,5 +280,5 @@ def lrp_rules(model, rule: str | None = "attnlrp"):
 
 
 def gradient_times_input(embeds: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
-    """Per-token relevance: the sum over the embedding dimension of embedding * gradient, in float32."""
-    return (embeds.detach().float() * grad.float()).sum(-1)
+    """Per-token relevance: the sum over the embedding dimension of embedding * gradient (at least float32)."""
+    return (upcast(embeds.detach()) * upcast(grad)).sum(-1)

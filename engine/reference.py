@@ -1,6 +1,7 @@
 """Reference implementations: the oracle every engine path and test is compared against.
 
-Plain, one text at a time, float32, with the semantics of the specification
+Plain, one text at a time, in the model's precision (float32, or float64 for a float64 copy of a model,
+which is how the tests measure float32 rounding), with the semantics of the specification
 (`shared/seed/explaining-transformers.txt`). Where the seed calls a helper it never defines, the
 helper is defined here; where the seed is ambiguous or breaks, the choice is written at the function.
 Nothing here is fast on purpose: the batched engine must equal these functions, not replace them.
@@ -20,6 +21,8 @@ from collections.abc import Callable
 
 import numpy as np
 import torch
+
+from kernels.common import upcast
 
 from .metrics import min_max_normalize, rank_tokens, spearman, top_k_indices
 from .models import eager_attention, replacement_id
@@ -59,7 +62,7 @@ def _predicted(logits_vec: torch.Tensor, target_id: int | None) -> int:
 def _forward_ids(model, ids: torch.Tensor) -> torch.Tensor:
     """The seed's perturbed forward: ids only, no attention mask (one unpadded text)."""
     with torch.no_grad():
-        return scored_logits(model(ids.to(model.device)).logits).float()
+        return upcast(scored_logits(model(ids.to(model.device)).logits))
 
 
 def get_prediction(model, tokenizer, text: str) -> str:
@@ -144,7 +147,7 @@ def _attentions(model, tokenizer, text: str):
     inputs, tokens = encode(tokenizer, text)
     with eager_attention(model), torch.no_grad():
         outputs = model(**_model_inputs(model, inputs), output_attentions=True)
-    return [a.float() for a in outputs.attentions], tokens
+    return [upcast(a) for a in outputs.attentions], tokens
 
 
 def extract_raw_attention(model, tokenizer, text: str, layer: int = -1, read_pos: int = -1) -> np.ndarray:
@@ -189,7 +192,7 @@ def gradient_weighted_attention(model, tokenizer, text: str, target_pos: int = -
         logits = outputs.logits[0, target_pos] if outputs.logits.dim() == 3 else outputs.logits[0]
         target_logit = logits[_predicted(logits, target_id)]
         grads = torch.autograd.grad(target_logit, outputs.attentions)
-    weighted = [(a * g).squeeze(0).mean(dim=0).detach().float() for a, g in zip(outputs.attentions, grads, strict=True)]
+    weighted = [upcast((a * g).squeeze(0).mean(dim=0).detach()) for a, g in zip(outputs.attentions, grads, strict=True)]
     return torch.stack(weighted).mean(dim=0).cpu().numpy(), tokens
 
 
@@ -204,7 +207,7 @@ def leave_one_out_attribution(model, tokenizer, text: str, target_id: int | None
     """
     inputs, tokens = encode(tokenizer, text)
     with torch.no_grad():
-        baseline_probs = torch.softmax(scored_logits(model(**_model_inputs(model, inputs)).logits).float(), -1)
+        baseline_probs = torch.softmax(upcast(scored_logits(model(**_model_inputs(model, inputs)).logits)), -1)
     predicted_id = _predicted(baseline_probs, target_id)
     baseline_prob = baseline_probs[predicted_id].item()
     fill = replacement_id(tokenizer)
@@ -226,7 +229,7 @@ def sliding_window_occlusion(model, tokenizer, text: str, window_size: int = 3, 
     inputs, tokens = encode(tokenizer, text)
     seq_len = len(tokens)
     with torch.no_grad():
-        baseline_logits = scored_logits(model(**_model_inputs(model, inputs)).logits).float()
+        baseline_logits = upcast(scored_logits(model(**_model_inputs(model, inputs)).logits))
     predicted_id = _predicted(baseline_logits, target_id)
     baseline_score = baseline_logits[predicted_id].item()
     fill = replacement_id(tokenizer)
@@ -325,17 +328,17 @@ def integrated_gradients(
     with torch.no_grad():
         x = model.get_input_embeddings()(ids)
         base = ig_baseline_embeddings(model, tokenizer, ids, baseline)
-        f_x = scored_logits(model(inputs_embeds=x).logits).float()
+        f_x = upcast(scored_logits(model(inputs_embeds=x).logits))
         predicted_id = _predicted(f_x, target_id)
-        f_base = scored_logits(model(inputs_embeds=base).logits).float()[predicted_id].item()
-    total = torch.zeros_like(x, dtype=torch.float32)
+        f_base = upcast(scored_logits(model(inputs_embeds=base).logits))[predicted_id].item()
+    total = torch.zeros_like(upcast(x))
     for alpha, weight in zip(alphas, weights, strict=True):
         point = (base + alpha * (x - base)).detach().requires_grad_(True)
         with torch.enable_grad():
             out = scored_logits(model(inputs_embeds=point).logits)[predicted_id]
             (grad,) = torch.autograd.grad(out, point)
-        total += weight * grad.float()
-    scores = ((x - base).float() * total).sum(dim=-1)[0].cpu().numpy()
+        total += weight * upcast(grad)
+    scores = (upcast(x - base) * total).sum(dim=-1)[0].cpu().numpy()
     gap = float(scores.sum() - (f_x[predicted_id].item() - f_base))
     return scores.astype(np.float64), tokens, gap
 
@@ -352,7 +355,7 @@ def evaluate_faithfulness(model, tokenizer, text: str, attributions, k_values=(1
     """
     inputs, tokens = encode(tokenizer, text)
     with torch.no_grad():
-        baseline_logits = scored_logits(model(**_model_inputs(model, inputs)).logits).float()
+        baseline_logits = upcast(scored_logits(model(**_model_inputs(model, inputs)).logits))
     predicted_id = _predicted(baseline_logits, target_id)
     baseline_prob = torch.softmax(baseline_logits, -1)[predicted_id].item()
     order = rank_tokens(np.asarray(attributions))

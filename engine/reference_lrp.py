@@ -128,7 +128,7 @@ def _llama(model, ids, target, rule):
     causal = torch.ones(n, n, dtype=torch.bool).tril()
     x = base.embed_tokens(ids)
     cos, sin = base.rotary_emb(x[None], torch.arange(n)[None])
-    cos, sin = cos[0].double(), sin[0].double()
+    cos, sin = cos[0].to(x.dtype), sin[0].to(x.dtype)
 
     def rotary(z):  # (H, n, d), linear in z
         return z * cos + _rotate_half(z) * sin
@@ -295,8 +295,9 @@ def _bert(model, ids, target, rule):
 _ORACLES = {"llama": _llama, "mistral": _llama, "qwen2": _llama, "gpt2": _gpt2, "bert": _bert}
 
 
-def lrp_reference(model, input_ids, target: int, rule: str = "attnlrp") -> tuple:
-    """Per-token relevance (n,) and the target logit of one text, by explicit propagation in float64.
+def lrp_reference(model, input_ids, target: int, rule: str = "attnlrp", dtype=torch.float64) -> tuple:
+    """Per-token relevance (n,) and the target logit of one text, by explicit propagation in float64
+    (`dtype=torch.float32` runs the same propagation in float32: the tests' measure of float32 noise).
 
     `model`: a tiny Llama causal LM, GPT-2 LM or BERT sequence classifier (eager attention, eval mode);
     `input_ids`: (n,) or (1, n); `target`: token id or class index. The last position is read for the
@@ -308,7 +309,7 @@ def lrp_reference(model, input_ids, target: int, rule: str = "attnlrp") -> tuple
     if model_type not in _ORACLES:
         raise ValueError(f"the explicit LRP oracle covers {sorted(_ORACLES)}, not {model_type!r}")
     ids = torch.as_tensor(input_ids).reshape(-1).cpu()
-    model64 = copy.deepcopy(model).cpu().double().eval()
+    model64 = copy.deepcopy(model).cpu().to(dtype).eval()
     with torch.no_grad():
         relevance, logit = _ORACLES[model_type](model64, ids, int(target), rule)
     return relevance.numpy(), float(logit)

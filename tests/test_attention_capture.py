@@ -10,7 +10,8 @@ import weakref
 
 import pytest
 import torch
-from conftest import FAMILIES, assert_close, random_texts
+from conftest import FAMILIES, References, assert_within_fp32_noise, float64_copy, random_texts
+from test_facade import discard_is_well_conditioned
 
 from engine import Explainer
 from engine import reference as ref
@@ -24,6 +25,7 @@ def test_capture_equals_output_attentions(family, fusion, maps):
     ids = torch.stack([tok(t, return_tensors="pt")["input_ids"][0] for t in ("the cat sat on", "a dog ran far")])
     with torch.no_grad():
         expected = model(ids, output_attentions=True).attentions
+        exact = float64_copy(model)(ids, output_attentions=True).attentions
     got = {}
     implementation = model.config._attn_implementation
     with torch.no_grad(), fused_attention(model, fusion, lambda layer, fused: got.setdefault(layer, fused), maps):
@@ -31,7 +33,8 @@ def test_capture_equals_output_attentions(family, fusion, maps):
     assert model.config._attn_implementation == implementation
     assert sorted(got) == list(range(len(expected)))
     for layer, attn in enumerate(expected):
-        assert_close(got[layer], ref.fuse_heads(attn.float(), fusion), what=f"{name} layer {layer}")
+        e, r = ref.fuse_heads(exact[layer], fusion), ref.fuse_heads(attn.float(), fusion)
+        assert_within_fp32_noise(got[layer], e, r, what=f"{name} layer {layer}")
 
 
 def test_only_one_layer_of_probabilities_is_alive(llama):
@@ -97,29 +100,42 @@ BUDGETS = [(1, 2048, 256), (3, 17, 5), (7, 64, 8), (None, 100_000, 256)]
 def test_attention_methods_at_odd_budgets(family_name, budget, maps):
     model_fn, tok_fn = FAMILIES[family_name]
     model, tok = model_fn(), tok_fn()
+    refs = References(model)
     size, tokens, row = budget
     ex = Explainer(model, tok, max_batch_size=size, max_batch_tokens=tokens, row_capacity=row, attention_maps=maps)
     texts = random_texts(7, 1, 12)
     random.shuffle(texts)
     read = (lambda n: 0) if family_name == "bert" else (lambda n: n - 1)
     raw = ex.attribute(texts, "raw_attention", layer=1)
-    # The discard threshold is a step function of the maps: on the tiny BERT, whose attention is nearly
-    # uniform, recomputed maps (equal to eager ones within fp32 rounding) put near-tied entries on the
-    # other side of the quantile in one CI run. Discard is checked on eager maps (its exact values) and
-    # in the kernel tests; recomputed maps are checked without it.
-    discard = 0.5 if maps == "eager" else 0.0
-    rolled = ex.attribute(texts, "rollout", head_fusion="min", discard_ratio=discard)
+    # The discard threshold is a step function of the maps: where a fused entry sits within float32
+    # rounding of the quantile, any float32 run may keep or drop it (seen once in CI on the nearly uniform
+    # tiny BERT). Such texts are left out of the discard check (`discard_is_well_conditioned`).
+    rolled = ex.attribute(texts, "rollout", head_fusion="min", discard_ratio=0.5)
     rows = ex.attribute(texts, "rollout", head_fusion="max", full_matrix=False)
+    checks: dict[str, list] = {}
+
+    def add(what, actual, fn, *args, **kwargs):
+        e, r = refs(fn, *args, **kwargs)
+        for part, value in zip(checks.setdefault(what, ([], [], [])), (actual, e, r), strict=True):
+            part.append(value)
+
+    compared = 0
     for text, a, r, w in zip(texts, raw, rolled, rows, strict=True):
         n = len(a.tokens)
-        assert_close(a.scores, ref.extract_raw_attention(model, tok, text, 1, read(n)), what="raw")
-        expected = ref.compute_rollout(model, tok, text, "min", discard, read_pos=read(n), return_matrix=True)
-        assert_close(r.matrix, expected[1], what="rollout matrix")
-        assert_close(r.scores, expected[0], what="rollout row of the matrix")
-        assert_close(w.scores, ref.compute_rollout(model, tok, text, "max", read_pos=read(n)), what="rollout row")
+        add("raw", a.scores, ref.extract_raw_attention, tok, text, 1, read(n))
+        if discard_is_well_conditioned(refs.model64, tok, text, "min", 0.5):
+            compared += 1
+
+            def both(m, text=text, n=n):
+                return list(ref.compute_rollout(m, tok, text, "min", 0.5, read_pos=read(n), return_matrix=True))
+
+            add("rollout row and matrix", [r.scores, r.matrix], both)
+        add("rollout row", w.scores, ref.compute_rollout, tok, text, "max", read_pos=read(n))
+    assert 2 * compared >= len(texts), "fewer than half of the texts could be compared"
     if maps == "eager":  # grad_attention always runs eager attention (it differentiates the maps)
         for text, g in zip(texts, ex.attribute(texts, "grad_attention"), strict=True):
             n = len(g.tokens)
-            matrix = ref.gradient_weighted_attention(model, tok, text, read(n))[0]
-            assert_close(g.matrix, matrix, what="grad_attention matrix")
-            assert_close(g.scores, matrix[read(n)], what="grad_attention row")
+            gwa = lambda m, text=text, n=n, t=g.target_id: ref.gradient_weighted_attention(m, tok, text, read(n), t)[0]  # noqa: E731
+            add("grad_attention", [g.matrix, g.scores], lambda m, f=gwa, n=n: [f(m), f(m)[read(n)]])
+    for what, (actual, exact, fp32) in checks.items():
+        assert_within_fp32_noise(actual, exact, fp32, what=f"{family_name} {maps} {budget} {what}")

@@ -9,7 +9,16 @@ import warnings
 import numpy as np
 import pytest
 import torch
-from conftest import FAMILIES, assert_close, make_tokenizer, random_texts, tiny_llama
+from conftest import (
+    FAMILIES,
+    References,
+    assert_matches_reference,
+    assert_within_fp32_noise,
+    faithfulness_values,
+    make_tokenizer,
+    random_texts,
+    tiny_llama,
+)
 
 from engine import Explainer
 from engine import reference as ref
@@ -23,13 +32,16 @@ BATCHED = {
 }
 
 
-def _reference(method, model, tok, text, opts):
+def _reference(model, method, tok, text, opts, target):
+    """(scores, completeness gap or None) of one text from the reference."""
     if method == "leave_one_out":
-        return ref.leave_one_out_attribution(model, tok, text)[0]
+        return ref.leave_one_out_attribution(model, tok, text, target_id=target)[0], None
     if method == "sliding_window":
         n = len(tok(text)["input_ids"])
-        return ref.window_scores_per_token(ref.sliding_window_occlusion(model, tok, text, opts["window_size"]), n)
-    return ref.integrated_gradients(model, tok, text, opts["n_steps"], opts["ig_method"])
+        regions = ref.sliding_window_occlusion(model, tok, text, opts["window_size"], target_id=target)
+        return ref.window_scores_per_token(regions, n), None
+    scores, _, gap = ref.integrated_gradients(model, tok, text, opts["n_steps"], opts["ig_method"], target_id=target)
+    return scores, gap
 
 
 @pytest.mark.parametrize("family_name", list(FAMILIES))
@@ -38,48 +50,60 @@ def _reference(method, model, tok, text, opts):
 def test_batched_equals_reference(family_name, method, budget):
     model_fn, tok_fn = FAMILIES[family_name]
     model, tok = model_fn(), tok_fn()
+    refs = References(model)
     size, tokens, row = budget
     ex = Explainer(model, tok, max_batch_size=size, max_batch_tokens=tokens, row_capacity=row)
     texts = random_texts(6, 2, 12)
     random.shuffle(texts)
     opts = BATCHED[method]
+    got, exact, fp32, gaps, gaps64, gaps32 = [], [], [], [], [], []
     for text, a in zip(texts, ex.attribute(texts, method, **opts), strict=True):
-        expected = _reference(method, model, tok, text, opts)
+        (e, e_gap), (r, r_gap) = refs(_reference, method, tok, text, opts, a.target_id)
+        got.append(a.scores), exact.append(e), fp32.append(r)
         if method == "integrated_gradients":
-            expected, _, gap = expected
-            assert a.completeness_gap == pytest.approx(gap, rel=1e-4, abs=1e-5)
-        assert_close(a.scores, expected, what=f"{family_name} {method} {budget}")
+            gaps.append(a.completeness_gap), gaps64.append(e_gap), gaps32.append(r_gap)
+    what = f"{family_name} {method} {budget}"
+    assert_within_fp32_noise(got, exact, fp32, what=what)
+    assert_within_fp32_noise(gaps, gaps64, gaps32, what=f"{what} completeness gap")
     if method == "sliding_window":
-        regions = ex.attribute(texts[0], method, **opts).regions
-        expected = ref.sliding_window_occlusion(model, tok, texts[0], opts["window_size"])
-        assert [r["start"] for r in regions] == [r["start"] for r in expected]
+        a = ex.attribute(texts[0], method, **opts)
+        expected = ref.sliding_window_occlusion(refs.model64, tok, texts[0], opts["window_size"], target_id=a.target_id)
+        impacts = [r["impact"] for r in expected]
+        # the order by impact is the reference's wherever two impacts are not within rounding of each other
+        if min(np.diff(sorted(impacts)), default=1.0) > 1e-5 * max(map(abs, impacts)):
+            assert [r["start"] for r in a.regions] == [r["start"] for r in expected]
 
 
 @pytest.mark.parametrize("budget", BUDGETS, ids=lambda b: f"size{b[0]}-tokens{b[1]}")
 def test_faithfulness_batched_equals_reference(budget):
     model, tok = tiny_llama(), make_tokenizer()
+    refs = References(model)
     size, tokens, row = budget
     ex = Explainer(model, tok, max_batch_size=size, max_batch_tokens=tokens, row_capacity=row)
     for text in random_texts(3, 5, 12):
         scores = np.random.rand(len(tok(text)["input_ids"]))
         got = ex.faithfulness(text, scores, k_values=(1, 2, 5))
-        expected = ref.evaluate_faithfulness(model, tok, text, scores, (1, 2, 5))
-        for k in expected:
-            for metric in expected[k]:
-                assert got[k][metric] == pytest.approx(expected[k][metric], rel=1e-5, abs=1e-6), (k, metric)
+        target = ex.attribute(text, "raw_attention").target_id
+        exact, fp32 = refs(ref.evaluate_faithfulness, tok, text, scores, (1, 2, 5), target_id=target)
+        assert_within_fp32_noise(faithfulness_values(got), faithfulness_values(exact), faithfulness_values(fp32))
 
 
 @pytest.mark.parametrize("family_name", ["llama", "gpt2"])
 def test_prefix_reuse_equals_full_recompute(family_name):
     model_fn, tok_fn = FAMILIES[family_name]
     model, tok = model_fn(), tok_fn()
+    refs = References(model)
     texts = random_texts(8, 1, 14)
     reuse = Explainer(model, tok, max_batch_tokens=40, row_capacity=9)
     full = Explainer(model, tok, prefix_reuse=False, max_batch_tokens=40)
     assert reuse.prefix_reuse and not full.prefix_reuse
     for method, opts in (("leave_one_out", {}), ("sliding_window", {"window_size": 1})):
-        for a, b in zip(reuse.attribute(texts, method, **opts), full.attribute(texts, method, **opts), strict=True):
-            assert_close(a.scores, b.scores, what=f"{family_name} {method}")
+        for ex in (reuse, full):
+            got, exact, fp32 = [], [], []
+            for text, a in zip(texts, ex.attribute(texts, method, **opts), strict=True):
+                (e, _), (r, _) = refs(_reference, method, tok, text, opts, a.target_id)
+                got.append(a.scores), exact.append(e), fp32.append(r)
+            assert_within_fp32_noise(got, exact, fp32, what=f"{family_name} {method} reuse={ex.prefix_reuse}")
 
 
 @pytest.mark.parametrize("budget,row", [(40, 9), (64, 8), (300, 32)])
@@ -115,24 +139,26 @@ def test_leave_one_out_equals_captum_feature_ablation(family):
     from captum.attr import FeatureAblation
 
     name, model, tok = family
+    refs = References(model)
     ex = Explainer(model, tok, max_batch_tokens=50)
     for text in random_texts(3, 2, 10):
         a = ex.attribute(text, "leave_one_out")
         ids = tok(text, return_tensors="pt")["input_ids"]
 
-        def prob(input_ids, target=a.target_id):
-            return ref.scored_logits_batch(model(input_ids).logits).softmax(-1)[:, target]
+        def captum(m, target=a.target_id, ids=ids):
+            def prob(input_ids):
+                return ref.scored_logits_batch(m(input_ids).logits).softmax(-1)[:, target]
 
-        fill = tok.pad_token_id or 0
-        expected = FeatureAblation(prob).attribute(ids, baselines=fill, perturbations_per_eval=4)[0]
-        assert_close(a.scores, expected.detach().numpy(), what=name)
+            fill = tok.pad_token_id or 0
+            return FeatureAblation(prob).attribute(ids, baselines=fill, perturbations_per_eval=4)[0].detach()
+
+        # Captum's float32 error, measured against Captum in float64, bounds the engine's difference
+        assert_matches_reference(a.scores, refs, captum, what=name)
 
 
 def test_out_of_memory_halves_the_batch_and_warns_once(llama):
     model, tok = llama
-    ex = Explainer(model, tok, max_batch_tokens=10_000)
     texts = random_texts(4, 4, 10)
-    expected = [a.scores for a in ex.attribute(texts, "leave_one_out")]
 
     # a real fault at the model's entry: any forward over more than 6 rows runs out of memory
     def fail_on_big_batches(module, args, kwargs):
@@ -150,8 +176,10 @@ def test_out_of_memory_halves_the_batch_and_warns_once(llama):
         handle.remove()
     oom_warnings = [w for w in caught if "out of memory" in str(w.message)]
     assert len(oom_warnings) == 1
-    for a, e in zip(got, expected, strict=True):
-        assert_close(a.scores, e)
+    refs = References(model)
+    for text, a in zip(texts, got, strict=True):
+        loo = lambda m, text=text, t=a.target_id: ref.leave_one_out_attribution(m, tok, text, target_id=t)[0]  # noqa: E731
+        assert_matches_reference(a.scores, refs, loo, what="after halving")
 
 
 def test_other_errors_are_not_retried(llama):
@@ -189,13 +217,13 @@ def test_packed_clean_caches_equal_one_text_caches(family_name):
 
     model_fn, tok_fn = FAMILIES[family_name]
     model, tok = model_fn(), tok_fn()
+    refs = References(model)
     texts = [tuple(tok(t)["input_ids"]) for t in random_texts(5, 1, 12)]
     with torch.no_grad():
         packed = packed_clean_caches(model, texts, row_capacity=10)
         for ids, layers in zip(texts, packed, strict=True):
-            for (k, v), (k_ref, v_ref) in zip(layers, clean_cache(model, torch.tensor(ids)), strict=True):
-                torch.testing.assert_close(k, k_ref, rtol=1e-5, atol=1e-6)
-                torch.testing.assert_close(v, v_ref, rtol=1e-5, atol=1e-6)
+            exact, fp32 = refs(clean_cache, torch.tensor(ids))  # one text alone: [(keys, values)] per layer
+            assert_within_fp32_noise([list(kv) for kv in layers], [list(kv) for kv in exact], [list(kv) for kv in fp32])
 
 
 def test_bfloat16_model_runs_and_stays_close_to_float32(tmp_path):

@@ -8,7 +8,16 @@ import random
 import numpy as np
 import pytest
 import torch
-from conftest import FAMILIES, assert_close, make_tokenizer, random_texts, tiny_llama
+from conftest import (
+    FAMILIES,
+    References,
+    assert_close,
+    assert_within_fp32_noise,
+    float64_copy,
+    make_tokenizer,
+    random_texts,
+    tiny_llama,
+)
 from scipy import stats
 
 from engine import Explainer, metrics
@@ -107,7 +116,7 @@ def _probs_with(model, ids, positions, fill, target, zero=False):
         else:
             ids[0, list(positions)] = fill
             logits = model(ids).logits
-    logits = ref.scored_logits(logits).float()
+    logits = ref.upcast(ref.scored_logits(logits))
     return float(torch.softmax(logits, -1)[target]), float(logits[target])
 
 
@@ -115,21 +124,23 @@ def _probs_with(model, ids, positions, fill, target, zero=False):
 def test_evaluate_equals_seed_faithfulness_and_comparison(family_name):
     model_fn, tok_fn = FAMILIES[family_name]
     model, tok = model_fn(), tok_fn()
+    refs = References(model)
     ex = Explainer(model, tok, max_batch_tokens=23, max_batch_size=3)
     texts = random_texts(5, 2, 11)
     random.shuffle(texts)
     methods = ["rollout", "leave_one_out", "lrp"]
     ev = ex.evaluate(texts, methods, k_values=(1, 3), curves=False)
     assert not ev.failures and len(ev.per_text) == len(texts) * len(methods)
+    got, exact, fp32 = [], [], []
     for record in ev.per_text:
         a = ev.attributions[record["method"]][texts.index(record["text"])]
-        expected = ref.evaluate_faithfulness(model, tok, record["text"], a.scores, (1, 3))
-        for k in (1, 3):
-            if k > len(a.tokens):
-                continue
+        ks = [k for k in (1, 3) if k <= len(a.tokens)]
+        e, r = refs(ref.evaluate_faithfulness, tok, record["text"], a.scores, ks, target_id=a.target_id)
+        for k in ks:
             for metric in ("sufficiency", "comprehensiveness"):
-                assert record[f"{metric}@{k}"] == pytest.approx(expected[f"k={k}"][metric], rel=1e-5, abs=1e-6)
+                got.append(record[f"{metric}@{k}"]), exact.append(e[f"k={k}"][metric]), fp32.append(r[f"k={k}"][metric])
         assert record["gini"] == metrics.gini(a.scores)
+    assert_within_fp32_noise(got, exact, fp32, what="faithfulness")
     # agreement: the mean over texts of the seed comparison's Spearman (scores min-max normalized)
     rho = np.zeros((3, 3))
     for t, text in enumerate(texts):
@@ -146,6 +157,7 @@ def test_evaluate_equals_seed_faithfulness_and_comparison(family_name):
 def test_curves_equal_direct_model_calls(family_name, deletion):
     model_fn, tok_fn = FAMILIES[family_name]
     model, tok = model_fn(), tok_fn()
+    model64 = float64_copy(model)
     ex = Explainer(model, tok, max_batch_tokens=41, max_batch_size=5)
     texts = random_texts(4, 3, 10)
     steps = 4
@@ -161,14 +173,19 @@ def test_curves_equal_direct_model_calls(family_name, deletion):
             morf = [free[i] for i in np.argsort(-a.scores[free], kind="stable")]
             lerf = [free[i] for i in metrics.rank_tokens(-a.scores[free])]
             for name, order in (("morf", morf), ("lerf", lerf)):
-                expected = []
+                exact, fp32 = [], []
                 for j in range(steps + 1):
                     count = int(np.floor(j / steps * len(free) + 0.5))
-                    expected.append(
-                        _probs_with(model, ids, order[:count], fill, a.target_id, deletion != "replacement")
+                    zero = deletion != "replacement"
+                    exact.append(_probs_with(model64, ids, order[:count], fill, a.target_id, zero))
+                    fp32.append(_probs_with(model, ids, order[:count], fill, a.target_id, zero))
+                for i, what in enumerate(("prob", "logit")):
+                    assert_within_fp32_noise(
+                        ev.curves[m][f"{name}_{what}"][t],
+                        [e[i] for e in exact],
+                        [r[i] for r in fp32],
+                        f"{m} {name} {what}",
                     )
-                assert_close(ev.curves[m][f"{name}_prob"][t], [e[0] for e in expected], what=f"{m} {name} prob")
-                assert_close(ev.curves[m][f"{name}_logit"][t], [e[1] for e in expected], what=f"{m} {name} logit")
             record = next(r for r in ev.per_text if r["method"] == m and r["text_index"] == t)
             area = metrics.curve_area(ev.curves[m]["morf_prob"][t])
             assert record["aopc_morf"] == pytest.approx(a.target_prob - area)
@@ -182,8 +199,9 @@ def test_unprotected_curves_delete_the_read_position():
     ev = Explainer(model, tok).evaluate([text], ["leave_one_out"], curve_steps=1, protect_target=False)
     ids = tok(text, return_tensors="pt")["input_ids"]
     a = ev.attributions["leave_one_out"][0]
-    everything, _ = _probs_with(model, ids, range(ids.shape[1]), ref.replacement_id(tok), a.target_id)
-    assert ev.curves["leave_one_out"]["morf_prob"][0][-1] == pytest.approx(everything, rel=1e-5)
+    refs = References(model)
+    (exact, _), (fp32, _) = refs(_probs_with, ids, range(ids.shape[1]), ref.replacement_id(tok), a.target_id)
+    assert_within_fp32_noise(ev.curves["leave_one_out"]["morf_prob"][0][-1], exact, fp32, "everything deleted")
 
 
 def test_one_token_text_has_flat_curves(llama):
@@ -230,21 +248,23 @@ def test_plausibility_and_consistency(llama):
 
 
 def test_batched_evaluation_equals_one_text_at_a_time(llama):
+    """Packed and batched, every per-text metric is the one-text-at-a-time value: both float32 runs
+    within the float32 noise of the one-at-a-time evaluation itself against its float64 run."""
     model, tok = llama
+    model64 = float64_copy(model)
     texts = random_texts(4, 2, 9)
-    together = Explainer(model, tok, max_batch_tokens=37, max_batch_size=7).evaluate(texts, ["leave_one_out", "lrp"])
+    methods = ["leave_one_out", "lrp"]
+    together = Explainer(model, tok, max_batch_tokens=37, max_batch_size=7).evaluate(texts, methods)
+    got, exact, fp32 = [], [], []
     for t, text in enumerate(texts):
-        alone = Explainer(model, tok, max_batch_size=1).evaluate([text], ["leave_one_out", "lrp"])
-        for r_alone in alone.per_text:
-            r = next(x for x in together.per_text if x["text_index"] == t and x["method"] == r_alone["method"])
-            for key, value in r_alone.items():
+        alone32 = Explainer(model, tok, max_batch_size=1).evaluate([text], methods)
+        alone64 = Explainer(model64, tok, max_batch_size=1).evaluate([text], methods)
+        for r32, r64 in zip(alone32.per_text, alone64.per_text, strict=True):
+            r = next(x for x in together.per_text if x["text_index"] == t and x["method"] == r32["method"])
+            for key, value in r32.items():
                 if isinstance(value, float) and key != "target_prob":
-                    # LRP's relevances round differently in a packed row and alone (~1e-6 of the text's
-                    # scale), so its small relevances carry large relative errors; Gini and entropy weigh
-                    # every |score| by its share, and a 1.3e-5 relative difference in entropy was seen once
-                    # in CI: 1e-4 for those two
-                    rel = 1e-4 if key in ("gini", "entropy") else 1e-5
-                    assert r[key] == pytest.approx(value, rel=rel, abs=1e-6), key
+                    got.append(r[key]), exact.append(r64[key]), fp32.append(value)
+    assert_within_fp32_noise(got, exact, fp32, what="per-text metrics")
 
 
 def test_bad_texts_and_rationales_do_not_lose_the_others(llama):

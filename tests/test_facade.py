@@ -7,14 +7,25 @@ import random
 import numpy as np
 import pytest
 import torch
-from conftest import assert_close, make_tokenizer, random_texts, tiny_bert, tiny_llama
+from conftest import (
+    References,
+    assert_close,
+    assert_matches_reference,
+    assert_within_fp32_noise,
+    faithfulness_values,
+    make_tokenizer,
+    random_texts,
+    tiny_bert,
+    tiny_llama,
+)
 
 from engine import Attribution, AttributionFailure, Explainer, available_methods
 from engine import reference as ref
 
 
-def _reference_scores(method, model, tok, text, read_pos, **opts):
-    """What each method must return for one text, straight from the reference."""
+def _reference_scores(model, method, tok, text, read_pos, target, **opts):
+    """What each method must return for one text, straight from the reference (on `model`, float32 or
+    its float64 copy), explaining `target`."""
     if method == "raw_attention":
         return ref.extract_raw_attention(model, tok, text, opts.get("layer", -1), read_pos)
     if method == "rollout":
@@ -22,21 +33,20 @@ def _reference_scores(method, model, tok, text, read_pos, **opts):
             model, tok, text, opts.get("head_fusion", "mean"), opts.get("discard_ratio", 0.0), read_pos=read_pos
         )
     if method == "grad_attention":
-        return ref.gradient_weighted_attention(model, tok, text, read_pos)[0][read_pos]
+        return ref.gradient_weighted_attention(model, tok, text, read_pos, target_id=target)[0][read_pos]
     if method == "integrated_gradients":
-        return ref.integrated_gradients(model, tok, text, opts.get("n_steps", 50))[0]
+        return ref.integrated_gradients(model, tok, text, opts.get("n_steps", 50), target_id=target)[0]
     if method == "leave_one_out":
-        return ref.leave_one_out_attribution(model, tok, text)[0]
+        return ref.leave_one_out_attribution(model, tok, text, target_id=target)[0]
     if method == "sliding_window":
         n = len(tok(text)["input_ids"])
-        return ref.window_scores_per_token(ref.sliding_window_occlusion(model, tok, text, opts["window_size"]), n)
+        regions = ref.sliding_window_occlusion(model, tok, text, opts["window_size"], target_id=target)
+        return ref.window_scores_per_token(regions, n)
     if method == "lrp":
         from engine.reference_lrp import lrp_reference
 
         ids = tok(text, return_tensors="pt")["input_ids"]
-        with torch.no_grad():
-            target = int(ref.scored_logits(model(ids).logits).argmax())
-        return lrp_reference(model, ids, target, opts.get("rule", "attnlrp"))[0]
+        return lrp_reference(model, ids, target, opts.get("rule", "attnlrp"), dtype=next(model.parameters()).dtype)[0]
     raise AssertionError(method)
 
 
@@ -51,25 +61,52 @@ METHOD_OPTIONS = {
 }
 
 
+def discard_is_well_conditioned(model64, tok, text, head_fusion, ratio, margin=1e-5) -> bool:
+    """Whether every layer's discard threshold is at least `margin` (relative) away from the fused
+    entries it separates. The discard is a step function of the maps: where an entry sits within float32
+    rounding of the quantile, any float32 run (the reference's own included) may keep or drop it, and
+    the rollout jumps; such texts say nothing about the engine. `margin`: ~100x the entries' float32
+    rounding."""
+    attentions, _ = ref._attentions(model64, tok, text)
+    for a in attentions:
+        fused = ref.fuse_heads(a[0], head_fusion)
+        threshold = ref.discard_threshold(fused, ratio)
+        gaps = (fused - threshold).abs()
+        gaps = gaps[gaps > 0]  # an entry equal to the threshold is kept by every run (it *is* the quantile)
+        if gaps.numel() and gaps.min() < margin * fused.abs().max():
+            return False
+    return True
+
+
 @pytest.mark.parametrize("method", available_methods())
 def test_facade_equals_reference_on_random_texts(family, method):
     name, model, tok = family
+    refs = References(model)
     ex = Explainer(model, tok)
-    texts = random_texts(5, 2, 11)
+    texts = random_texts(6, 2, 11)
     random.shuffle(texts)
     opts = METHOD_OPTIONS[method]
     results = ex.attribute(texts, method=method, **opts)
     assert len(results) == len(texts)
+    got, exact, fp32 = [], [], []
+    probs, probs64, probs32 = [], [], []
     for text, a in zip(texts, results, strict=True):
         assert isinstance(a, Attribution) and a.text == text and a.method == method
         read_pos = 0 if name == "bert" else len(a.tokens) - 1
-        expected = _reference_scores(method, model, tok, text, read_pos, **opts)
+        if method == "rollout" and not discard_is_well_conditioned(refs.model64, tok, text, "max", 0.5):
+            continue
+        e, r = refs(_reference_scores, method, tok=tok, text=text, read_pos=read_pos, target=a.target_id, **opts)
         assert a.scores.shape == (len(a.tokens),)
-        assert_close(a.scores, expected, what=f"{name} {method}")
+        got.append(a.scores), exact.append(e), fp32.append(r)
         with torch.no_grad():
             logits = ref.scored_logits(model(**tok(text, return_tensors="pt")).logits)
+            logits64 = ref.scored_logits(refs.model64(**tok(text, return_tensors="pt")).logits)
         assert a.target_id == int(logits.argmax())
-        assert a.target_prob == pytest.approx(float(logits.softmax(-1).max()), rel=1e-5)
+        probs.append(a.target_prob), probs64.append(float(logits64.softmax(-1)[a.target_id]))
+        probs32.append(float(logits.softmax(-1)[a.target_id]))
+    assert 2 * len(got) >= len(texts), "fewer than half of the texts could be compared"
+    assert_within_fp32_noise(got, exact, fp32, what=f"{name} {method}")
+    assert_within_fp32_noise(probs, probs64, probs32, what=f"{name} {method} target_prob")
 
 
 def test_result_fields(llama):
@@ -84,8 +121,8 @@ def test_result_fields(llama):
     w = ex.attribute(text, "sliding_window", window_size=3)
     assert len(w.regions) == 4 and w.regions[0]["impact"] >= w.regions[-1]["impact"]
     ig = ex.attribute(text, "integrated_gradients", n_steps=4)
-    _, _, gap = ref.integrated_gradients(model, tok, text, n_steps=4)
-    assert ig.completeness_gap == pytest.approx(gap, rel=1e-5, abs=1e-6)
+    gap = lambda m: ref.integrated_gradients(m, tok, text, n_steps=4, target_id=ig.target_id)[2]  # noqa: E731
+    assert_matches_reference(ig.completeness_gap, References(model), gap, what="completeness gap")
     assert ig.options == {"n_steps": 4, "ig_method": "gausslegendre", "baseline": "replacement"}
     assert ex.model is model and ex.tokenizer is tok
 
@@ -98,8 +135,8 @@ def test_target_override(llama):
     by_str = ex.attribute(text, "leave_one_out", target="mat")
     assert by_id.target_id == by_str.target_id == tok.convert_tokens_to_ids("mat")
     assert by_id.target_token == "mat"
-    expected, _ = ref.leave_one_out_attribution(model, tok, text, target_id=by_id.target_id)
-    assert_close(by_str.scores, expected)
+    loo = lambda m: ref.leave_one_out_attribution(m, tok, text, target_id=by_id.target_id)[0]  # noqa: E731
+    assert_matches_reference(by_str.scores, References(model), loo, what="leave_one_out, given target")
     # a target other than the argmax really changes the result
     assert not np.allclose(by_str.scores, ex.attribute(text, "leave_one_out").scores)
 
@@ -111,7 +148,7 @@ def test_classifier_targets_and_read_position():
     a = ex.attribute(text, "raw_attention", target="pos")
     assert a.target_id == 2 and a.target_token == "pos"
     assert a.tokens[0] == "[CLS]"
-    assert_close(a.scores, ref.extract_raw_attention(model, tok, text, read_pos=0))
+    assert_matches_reference(a.scores, References(model), ref.extract_raw_attention, tok, text, read_pos=0)
     assert ex.attribute(text, "leave_one_out", target=1).target_id == 1
     with pytest.raises(ValueError, match="not one of"):
         ex.attribute(text, "leave_one_out", target="positive")
@@ -124,41 +161,38 @@ def test_decoder_classifier_reads_last_token():
     ex = Explainer(model, tok)
     text = "the dog ran to the park"
     a = ex.attribute(text, "rollout")
-    assert_close(a.scores, ref.compute_rollout(model, tok, text, read_pos=-1))
+    assert_matches_reference(a.scores, References(model), ref.compute_rollout, tok, text, read_pos=-1)
 
 
 def test_compare_and_faithfulness(llama):
     model, tok = llama
+    refs = References(model)
     ex = Explainer(model, tok)
     text = "the cat sat on the mat because it was"
     c = ex.compare(
         text, ["rollout", "leave_one_out", "integrated_gradients"], options={"integrated_gradients": {"n_steps": 5}}
     )
     assert c.spearman.shape == (3, 3) and np.allclose(np.diag(c.spearman), 1)
-    normalized = ref.compare_attribution_methods(
-        model,
-        tok,
-        text,
-        {
-            "rollout": lambda m, t, x: ref.compute_rollout(m, t, x),
-            "leave_one_out": lambda m, t, x: ref.leave_one_out_attribution(m, t, x)[0],
-            "integrated_gradients": lambda m, t, x: ref.integrated_gradients(m, t, x, n_steps=5)[0],
-        },
-        verbose=False,
-    )
-    for m in normalized:
-        assert_close(c.normalized[m], normalized[m], what=m)
+    target = c.attributions["leave_one_out"].target_id
+    methods = {
+        "rollout": lambda m, t, x: ref.compute_rollout(m, t, x),
+        "leave_one_out": lambda m, t, x: ref.leave_one_out_attribution(m, t, x, target_id=target)[0],
+        "integrated_gradients": lambda m, t, x: ref.integrated_gradients(m, t, x, n_steps=5, target_id=target)[0],
+    }
+    exact, fp32 = refs(ref.compare_attribution_methods, tok, text, methods, verbose=False)
+    for m in exact:
+        assert_within_fp32_noise(c.normalized[m], exact[m], fp32[m], what=m)
     from scipy.stats import spearmanr
 
-    assert c.spearman[0, 1] == pytest.approx(spearmanr(normalized["rollout"], normalized["leave_one_out"])[0])
+    # ranks of the engine's own normalized scores: equal to scipy on the same vectors
+    assert c.spearman[0, 1] == pytest.approx(spearmanr(c.normalized["rollout"], c.normalized["leave_one_out"])[0])
     top = c.top_k["leave_one_out"]
     assert len(top) == 3 and top[0][1] == 1.0
     a = c.attributions["leave_one_out"]
     faith = ex.faithfulness(text, a, k_values=(1, 2))
-    expected = ref.evaluate_faithfulness(model, tok, text, a.scores, (1, 2))
-    assert faith.keys() == expected.keys()
-    for k in faith:
-        assert faith[k] == pytest.approx(expected[k], rel=1e-6)
+    exact, fp32 = refs(ref.evaluate_faithfulness, tok, text, a.scores, (1, 2), target_id=a.target_id)
+    assert faith.keys() == exact.keys()
+    assert_within_fp32_noise(faithfulness_values(faith), faithfulness_values(exact), faithfulness_values(fp32))
 
 
 # ------------------------------------------------------------------------------------------- bad input
@@ -232,6 +266,9 @@ def test_one_bad_text_keeps_the_others(llama):
     assert isinstance(failures[0].error, ValueError) and isinstance(failures[2].error, TypeError)
     assert "larger than the text" in str(failures[1].error)
     for i in (0, 3):
-        n = len(results[i].tokens)
-        expected = ref.window_scores_per_token(ref.sliding_window_occlusion(model, tok, texts[i], 2), n)
-        assert_close(results[i].scores, expected)
+        n, target = len(results[i].tokens), results[i].target_id
+
+        def windows(m, text=texts[i], n=n, target=target):
+            return ref.window_scores_per_token(ref.sliding_window_occlusion(m, tok, text, 2, target_id=target), n)
+
+        assert_matches_reference(results[i].scores, References(model), windows, what=texts[i])

@@ -5,9 +5,11 @@ torch path's, and both against the tiny models' own `output_attentions`."""
 from __future__ import annotations
 
 import os
+import zlib
 
 import pytest
 import torch
+from conftest import assert_within_fp32_noise, float64_copy
 
 from engine import reference as ref
 from kernels.attention_probs import attention_probs, row_logsumexp_torch
@@ -51,14 +53,16 @@ SHAPES = [  # batch, heads, kv heads, queries, keys, head dim
 @pytest.mark.parametrize("mask_kind", [None, "causal", "padding"])
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
 def test_torch_path_equals_float64_softmax(fusion, mask_kind, shape):
-    q, k, mask = _inputs(*shape, mask_kind, seed=hash((fusion, mask_kind, shape)) % 2**31)
+    q, k, mask = _inputs(*shape, mask_kind, seed=zlib.crc32(repr((fusion, mask_kind, shape)).encode()))
     scaling = 0.37
     expected = _reference(q, k, mask, fusion, scaling)
     got = attention_probs(
         q.float(), k.float(), fusion, None if mask is None else mask.float(), scaling, backend="torch"
     )
     assert got.dtype == torch.float32 and got.shape == expected.shape
-    torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-6)
+    # within the float32 noise of the reference formula itself on these inputs
+    fp32 = _reference(q.float(), k.float(), None if mask is None else mask.float(), fusion, scaling)
+    assert_within_fp32_noise(got, expected, fp32)
     # a given log-sum-exp (what flash attention returns) gives the same maps
     lse = row_logsumexp_torch(q.float(), k.float(), None if mask is None else mask.float(), scaling)
     again = attention_probs(q.float(), k.float(), fusion, None if mask is None else mask.float(), scaling, lse=lse)
@@ -70,7 +74,7 @@ def test_torch_path_equals_float64_softmax(fusion, mask_kind, shape):
 @pytest.mark.parametrize("mask_kind", [None, "causal", "padding"])
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
 def test_triton_kernel_error_within_3x_of_torch(fusion, mask_kind, shape):
-    q, k, mask = _inputs(*shape, mask_kind, seed=1 + hash((fusion, mask_kind, shape)) % 2**31)
+    q, k, mask = _inputs(*shape, mask_kind, seed=1 + zlib.crc32(repr((fusion, mask_kind, shape)).encode()))
     scaling = shape[-1] ** -0.5
     expected = _reference(q, k, mask, fusion, scaling)
     args = (q.float(), k.float(), fusion, None if mask is None else mask.float(), scaling)
@@ -92,13 +96,15 @@ def test_equals_the_models_output_attentions(family, backend, monkeypatch):
     ids = tok("the cat sat on the mat today", return_tensors="pt")["input_ids"]
     with torch.no_grad():
         expected = model(ids, output_attentions=True).attentions
+        exact = float64_copy(model)(ids, output_attentions=True).attentions
     real = module.attention_probs
     monkeypatch.setattr(module, "attention_probs", lambda *a, **k: real(*a, **{**k, "backend": backend}))
     got = {}
     with torch.no_grad(), fused_attention(model, "min", lambda layer, f: got.setdefault(layer, f), "recompute"):
         model(ids)
     for layer, attn in enumerate(expected):
-        torch.testing.assert_close(got[layer], ref.fuse_heads(attn.float(), "min"), rtol=1e-5, atol=1e-6)
+        e, r = ref.fuse_heads(exact[layer], "min"), ref.fuse_heads(attn, "min")
+        assert_within_fp32_noise(got[layer], e, r, what=f"{name} layer {layer}")
 
 
 def test_bad_input_is_a_clear_error():

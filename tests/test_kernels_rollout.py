@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import zlib
 
 import pytest
 import torch
@@ -29,7 +30,7 @@ def _attentions(n_layers, batch, heads, size, lengths, generator):
 @pytest.mark.parametrize("sizes", [[1], [7], [13, 5, 1, 13], [97, 64, 3]])
 @pytest.mark.parametrize("causal_quantile", [False, True])
 def test_rollout_torch_equals_reference_per_sequence(fusion, discard, sizes, causal_quantile):
-    g = torch.Generator().manual_seed(hash((fusion, discard, tuple(sizes), causal_quantile)) % 2**31)
+    g = torch.Generator().manual_seed(zlib.crc32(repr((fusion, discard, tuple(sizes), causal_quantile)).encode()))
     size = max(sizes)
     layers = _attentions(3, len(sizes), 4, size, sizes, g)
     rows = [n - 1 - (n // 3) for n in sizes]  # not always the last position
@@ -78,7 +79,7 @@ triton = pytest.importorskip("triton")
 @pytest.mark.parametrize("discard", [0.0, 0.5, 0.9])
 @pytest.mark.parametrize("sizes", [[1], [5, 17, 3], [23], [70, 13]])  # 70: more than one 64-wide tile
 def test_triton_kernels_within_3x_of_torch_fp32_error(fusion, discard, sizes):
-    g = torch.Generator().manual_seed(hash((fusion, discard, tuple(sizes))) % 2**31)
+    g = torch.Generator().manual_seed(zlib.crc32(repr((fusion, discard, tuple(sizes))).encode()))
     size = max(sizes)
     layers64 = _attentions(3, len(sizes), 3, size, sizes, g)
     layers32 = [a.float() for a in layers64]

@@ -7,7 +7,8 @@ import subprocess
 import sys
 
 import pytest
-from conftest import assert_close
+import torch
+from conftest import References, assert_within_fp32_noise
 
 from engine import Explainer
 from engine import reference as ref
@@ -19,6 +20,28 @@ EIFFEL = "The Eiffel Tower is located in the city of"
 @pytest.fixture(scope="module")
 def smollm2():
     return Explainer.from_pretrained("smollm2")
+
+
+@pytest.fixture(scope="module")
+def refs(smollm2):
+    """The references on SmolLM2 and on its float64 copy (about 1 GiB): the exact values and the float32
+    noise the reference itself shows on each input (see conftest)."""
+    return References(smollm2.model)
+
+
+def _reference(model, method, tok, text, n_tokens, target):
+    if method == "raw_attention":
+        return ref.extract_raw_attention(model, tok, text)
+    if method == "rollout":
+        return ref.compute_rollout(model, tok, text, "max")
+    if method == "grad_attention":
+        return ref.gradient_weighted_attention(model, tok, text, target_id=target)[0][-1]
+    if method == "leave_one_out":
+        return ref.leave_one_out_attribution(model, tok, text, target_id=target)[0]
+    if method == "sliding_window":
+        regions = ref.sliding_window_occlusion(model, tok, text, target_id=target)
+        return ref.window_scores_per_token(regions, n_tokens)
+    return ref.integrated_gradients(model, tok, text, n_steps=8, target_id=target)[0]
 
 
 def test_default_model_predicts_paris(smollm2):
@@ -37,25 +60,14 @@ def test_default_model_predicts_paris(smollm2):
         ("integrated_gradients", {"n_steps": 8}),
     ],
 )
-def test_methods_equal_reference_on_smollm2(smollm2, method, opts):
-    model, tok = smollm2.model, smollm2.tokenizer
+def test_methods_equal_reference_on_smollm2(smollm2, refs, method, opts):
+    tok = smollm2.tokenizer
     texts = [EIFFEL, "Water boils at a temperature of one hundred degrees"]
+    got, exact, fp32 = [], [], []
     for text, a in zip(texts, smollm2.attribute(texts, method, **opts), strict=True):
-        if method == "raw_attention":
-            expected = ref.extract_raw_attention(model, tok, text)
-        elif method == "rollout":
-            expected = ref.compute_rollout(model, tok, text, "max")
-        elif method == "grad_attention":
-            expected = ref.gradient_weighted_attention(model, tok, text)[0][-1]
-        elif method == "leave_one_out":
-            expected = ref.leave_one_out_attribution(model, tok, text)[0]
-        elif method == "sliding_window":
-            expected = ref.window_scores_per_token(ref.sliding_window_occlusion(model, tok, text), len(a.tokens))
-        else:
-            expected = ref.integrated_gradients(model, tok, text, n_steps=8)[0]
-        # IG sums 576-dim products over 8 steps of a 30-layer model: allow fp32 accumulation noise
-        rtol = 1e-4 if method == "integrated_gradients" else 1e-5
-        assert_close(a.scores, expected, rtol=rtol, atol=1e-5, what=method)
+        e, r = refs(_reference, method, tok=tok, text=text, n_tokens=len(a.tokens), target=a.target_id)
+        got.append(a.scores), exact.append(e), fp32.append(r)
+    assert_within_fp32_noise(got, exact, fp32, what=method)
 
 
 def test_engine_explain_default_model():
@@ -82,22 +94,23 @@ def test_engine_explain_default_model():
     assert report["tokens"][:2] == ["The", "ĠE"]
 
 
-def test_batched_methods_at_odd_budgets_on_smollm2(smollm2):
+def test_batched_methods_at_odd_budgets_on_smollm2(smollm2, refs):
     model, tok = smollm2.model, smollm2.tokenizer
     ex = Explainer(model, tok, max_batch_tokens=37, max_batch_size=7, row_capacity=13)
     texts = ["Water boils at a temperature of one hundred degrees", "The capital of Japan is", EIFFEL]
-    for text, a in zip(texts, ex.attribute(texts, "leave_one_out"), strict=True):
-        assert_close(a.scores, ref.leave_one_out_attribution(model, tok, text)[0], atol=1e-5, what=text)
-    for text, a in zip(texts, ex.attribute(texts, "sliding_window"), strict=True):
-        regions = ref.sliding_window_occlusion(model, tok, text)
-        # logits are ~20 in size: compare the impacts at 1e-5 of the logit scale
-        assert_close(a.scores, ref.window_scores_per_token(regions, len(a.tokens)), atol=2e-4, what=text)
+    for method in ("leave_one_out", "sliding_window"):
+        got, exact, fp32 = [], [], []
+        for text, a in zip(texts, ex.attribute(texts, method), strict=True):
+            e, r = refs(_reference, method, tok=tok, text=text, n_tokens=len(a.tokens), target=a.target_id)
+            got.append(a.scores), exact.append(e), fp32.append(r)
+        assert_within_fp32_noise(got, exact, fp32, what=method)
     a = smollm2.attribute(EIFFEL, "leave_one_out")
     got = ex.faithfulness(EIFFEL, a, k_values=(1, 3, 5))
-    expected = ref.evaluate_faithfulness(model, tok, EIFFEL, a.scores, (1, 3, 5))
-    for k in expected:
-        for metric in expected[k]:
-            assert got[k][metric] == pytest.approx(expected[k][metric], rel=1e-4, abs=1e-5)
+    e, r = refs(ref.evaluate_faithfulness, tok, EIFFEL, a.scores, (1, 3, 5), target_id=a.target_id)
+    keys = [(k, m) for k in sorted(e) for m in sorted(e[k])]
+    assert_within_fp32_noise(
+        [got[k][m] for k, m in keys], [e[k][m] for k, m in keys], [r[k][m] for k, m in keys], what="faithfulness"
+    )
 
 
 @pytest.mark.parametrize("rule", ["attnlrp", "cplrp"])
@@ -107,12 +120,14 @@ def test_lrp_equals_explicit_oracle_on_smollm2(smollm2, rule):
     a = smollm2.attribute(EIFFEL, "lrp", rule=rule)
     ids = smollm2.tokenizer(EIFFEL, return_tensors="pt")["input_ids"][0]
     expected, logit = lrp_reference(smollm2.model, ids, a.target_id, rule)
-    # 30 layers of fp32 against the float64 oracle: relevance compared at 1e-4 of its scale
-    assert_close(a.scores, expected, rtol=1e-4, atol=1e-4 * abs(expected).max(), what=rule)
-    assert a.target_logit == pytest.approx(logit, rel=1e-4)
+    # the same propagation in float32: how far float32 rounding alone moves 30 layers of relevance
+    fp32, logit32 = lrp_reference(smollm2.model, ids, a.target_id, rule, dtype=torch.float32)
+    assert_within_fp32_noise([a.scores, a.target_logit], [expected, logit], [fp32, logit32], what=rule)
 
 
 def test_cplrp_conserves_the_target_logit_on_smollm2(smollm2):
     texts = [EIFFEL, "Water boils at a temperature of one hundred degrees", "The capital of Japan is"]
     for a in smollm2.attribute(texts, "lrp", rule="cplrp"):
+        # conservation is exact in real arithmetic; float32 sums of ~n*d terms of size |logit| drift by
+        # about sqrt(n*d) ulps: 1e-4 relative is >10x that for these lengths
         assert a.scores.sum() == pytest.approx(a.target_logit, rel=1e-4), a.text
