@@ -7,10 +7,14 @@
 Importing `engine` never imports Triton and never touches CUDA.
 """
 
-from .explainer import Explainer
-from .models import DEFAULT_MODEL, load_model
-from .options import available_methods
-from .results import Attribution, AttributionFailure, Comparison
+from ._kernels_check import check_kernels_package
+
+check_kernels_package()  # before anything imports `kernels`: a clash gets a clear error, not a wrong module
+
+from .explainer import Explainer  # noqa: E402
+from .models import DEFAULT_MODEL, load_model  # noqa: E402
+from .options import available_methods  # noqa: E402
+from .results import Attribution, AttributionFailure, Comparison, NonFiniteOutputError  # noqa: E402
 
 __all__ = [
     "DEFAULT_MODEL",
@@ -18,6 +22,7 @@ __all__ = [
     "AttributionFailure",
     "Comparison",
     "Explainer",
+    "NonFiniteOutputError",
     "available_methods",
     "load_model",
 ]

@@ -16,6 +16,7 @@ text's last suffix item is done, so memory follows the budget, not the number of
 from __future__ import annotations
 
 import contextlib
+import math
 import warnings
 from collections.abc import Hashable
 from dataclasses import dataclass
@@ -24,7 +25,17 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .forward import RowLayout, Suffix, _head_logits, full_forward, packed_clean_caches, packed_suffix_forward, score_logits
+from kernels.common import upcast
+
+from .forward import (
+    RowLayout,
+    Suffix,
+    _head_logits,
+    full_forward,
+    packed_clean_caches,
+    packed_suffix_forward,
+    score_logits,
+)
 from .models import CLASSIFIER
 from .scheduler import Batch, Scheduler, WorkItem
 
@@ -77,6 +88,20 @@ def frozen_weights(model):
 
 def _is_oom(err: BaseException) -> bool:
     return isinstance(err, torch.OutOfMemoryError) or "out of memory" in str(err).lower()
+
+
+def is_finite_output(out) -> bool:
+    """Whether a work item's output is finite: a `ForwardOutput`, or an IG step's (contributions, logit)."""
+    if isinstance(out, ForwardOutput):
+        return math.isfinite(out.logit) and (out.prob is None or math.isfinite(out.prob))
+    contrib, logit = out
+    return math.isfinite(logit) and bool(np.isfinite(contrib).all())
+
+
+# Work kinds whose items share rows: in a packed row, a text's queries give zero weight to the other
+# texts' keys, but 0 x NaN is NaN, so one text's non-finite values make its row-mates' outputs NaN too.
+# Stacked kinds ("full", "zero", "ig") give each item its own row: nothing crosses between them.
+SHARES_ROWS = ("packed", "suffix")
 
 
 def _suffixes_over_caches(payloads: list[SuffixPayload]) -> tuple[list[Hashable], list[Suffix]]:
@@ -139,7 +164,7 @@ class BatchRunner:
         show = self.progress if self.progress is not None else len(requests) >= 16
         with tqdm(total=n_items, desc=desc, disable=not show, leave=False) as bar:
             while (batch := scheduler.schedule()) is not None:
-                outputs = self._execute_splitting_on_oom(batch)
+                outputs = self._execute_isolating_non_finite(batch)
                 self._release_caches(batch)
                 for request, outs in scheduler.complete(batch, outputs):
                     results[request] = outs
@@ -161,6 +186,24 @@ class BatchRunner:
             return sum(item.tokens for item in items)
         return RowLayout.of(suffixes, cached, self.row_capacity).padded_tokens
 
+    def _halves(self, batch: Batch) -> list[Batch]:
+        half = len(batch.items) // 2
+        parts = [batch.items[:half], batch.items[half:]]
+        return [Batch(group=batch.group, items=part, tokens=self.batch_cost(batch.group, part)) for part in parts]
+
+    def _execute_isolating_non_finite(self, batch: Batch) -> list:
+        """`execute`, and where a batch of row-sharing items has non-finite outputs, the batch again in
+        halves (down to single items) until the non-finite outputs are traced to their own items: the
+        items packed beside them then get the outputs they get without them. The halves rebuild their
+        prefix caches, since a cache built in one forward with a non-finite text may be NaN too."""
+        outputs = self._execute_splitting_on_oom(batch)
+        if len(batch.items) == 1 or batch.group[0] not in SHARES_ROWS or all(map(is_finite_output, outputs)):
+            return outputs
+        for item in batch.items:
+            if isinstance(item.payload, SuffixPayload):
+                self._caches.pop(item.payload.text, None)
+        return [out for part in self._halves(batch) for out in self._execute_isolating_non_finite(part)]
+
     def _execute_splitting_on_oom(self, batch: Batch) -> list:
         try:
             return self.execute(batch)
@@ -177,15 +220,7 @@ class BatchRunner:
                     stacklevel=3,
                 )
                 self._warned_oom = True
-            half = len(batch.items) // 2
-            parts = [batch.items[:half], batch.items[half:]]
-            return [
-                out
-                for part in parts
-                for out in self._execute_splitting_on_oom(
-                    Batch(group=batch.group, items=part, tokens=self.batch_cost(batch.group, part))
-                )
-            ]
+            return [out for part in self._halves(batch) for out in self._execute_splitting_on_oom(part)]
 
     def _release_caches(self, batch: Batch) -> None:
         for item in batch.items:
@@ -262,12 +297,13 @@ class BatchRunner:
         with frozen_weights(model), torch.enable_grad():
             points.requires_grad_(True)
             if self.kind == CLASSIFIER:
-                logits = model(inputs_embeds=points).logits.float()
+                logits = upcast(model(inputs_embeds=points).logits)
             else:
                 hidden = model.base_model(inputs_embeds=points, use_cache=False).last_hidden_state[:, -1]
                 logits = _head_logits(model, hidden)
             target_logits = logits.gather(-1, targets[:, None])[:, 0]
             (grads,) = torch.autograd.grad(target_logits.sum(), points)
-        weights = torch.tensor([p.weight for p in payloads], device=device, dtype=torch.float32)[:, None]
-        contrib = weights * (grads.float() * (x - base).float()).sum(-1)
+        products = upcast(grads) * upcast(x - base)
+        weights = torch.tensor([p.weight for p in payloads], device=device, dtype=products.dtype)[:, None]
+        contrib = weights * products.sum(-1)
         return list(zip(contrib.cpu().numpy(), target_logits.detach().tolist(), strict=True))

@@ -15,7 +15,8 @@ import sys
 
 import numpy as np
 
-from .models import DEFAULT_MODEL
+from .display import display_token, display_tokens
+from .models import CLASSIFIER, DEFAULT_MODEL
 from .options import available_methods
 
 BAR_WIDTH = 30
@@ -26,21 +27,30 @@ def _bar(value: float) -> str:
     return "█" * filled + "·" * (BAR_WIDTH - filled)
 
 
-def _parse_methods(values: list[str]) -> list[str]:
+class UsageError(ValueError):
+    """A bad command line (unknown method, bad --k): reported with the usage, before any model loads."""
+
+
+def _parse_methods(values: list[str] | None) -> list[str]:
+    if not values:
+        return available_methods()
     methods = [m for v in values for m in v.split(",") if m]
     valid = available_methods()
     unknown = [m for m in methods if m not in valid]
     if unknown:
-        raise SystemExit(f"engine: unknown method(s) {unknown}; available: {valid}")
+        raise UsageError(f"unknown method(s) {unknown}; available: {valid}")
+    if not methods:
+        raise UsageError(f"--methods names no method; available: {valid}")
     return methods
 
 
 def explain(args) -> int:
     from .explainer import Explainer
 
-    methods = _parse_methods(args.methods) if args.methods else available_methods()
+    methods = args.methods
     ex = Explainer.from_pretrained(args.model)
     comparison = ex.compare(args.text, methods, top_k=3)
+    shown = display_tokens(comparison.tokens, ex.tokenizer)
     n_tokens = len(comparison.tokens)
     ks = [k for k in args.k if k <= n_tokens]
     faith = {m: ex.faithfulness(args.text, a, ks) for m, a in comparison.attributions.items()} if ks else {}
@@ -69,12 +79,13 @@ def explain(args) -> int:
 
     print(f"Text: {args.text!r}")
     print(f"Model: {args.model}")
-    print(f"Predicted next token: {comparison.target_token!r} (p={comparison.target_prob:.3f})")
-    width = max(len(t) for t in comparison.tokens)
+    predicted = "Predicted class" if ex.kind == CLASSIFIER else "Predicted next token"
+    print(f"{predicted}: {comparison.target_token!r} (p={comparison.target_prob:.3f})")
+    width = max(len(t) for t in shown)
     for m, a in comparison.attributions.items():
         extra = f", completeness gap {a.completeness_gap:+.3f}" if a.completeness_gap is not None else ""
         print(f"\n{m} (min-max normalized{extra}):")
-        for tok, raw, norm in zip(comparison.tokens, a.scores, comparison.normalized[m], strict=True):
+        for tok, raw, norm in zip(shown, a.scores, comparison.normalized[m], strict=True):
             print(f"  {tok:>{width}s} {_bar(norm)} {norm:.2f}  ({raw:+.4g})")
     print("\nSpearman rank correlations:")
     col = max(len(m) for m in methods)
@@ -83,7 +94,7 @@ def explain(args) -> int:
         print(f"  {m:<{col}s}" + " ".join(f"{v:10.3f}" for v in comparison.spearman[i]))
     print(f"\nTop-{len(next(iter(comparison.top_k.values())))} most important tokens per method:")
     for m, top in comparison.top_k.items():
-        print(f"  {m:<{col}s}: " + ", ".join(f"'{t}' ({s:.2f})" for t, s in top))
+        print(f"  {m:<{col}s}: " + ", ".join(f"'{display_token(t, ex.tokenizer)}' ({s:.2f})" for t, s in top))
     if faith:
         print("\nFaithfulness (sufficiency / comprehensiveness; replacement token as in the seed):")
         print(" " * (col + 2) + "".join(f"{'k=' + str(k):>18s}" for k in ks))
@@ -103,9 +114,15 @@ def read_corpus(path: str) -> tuple[list[str], list | None, list[tuple[str, str]
     from pathlib import Path
 
     file = Path(path)
+    if file.is_dir():
+        raise IsADirectoryError(f"{path} is a directory: pass a .txt (one text per line) or .jsonl file")
     if not file.is_file():
         raise FileNotFoundError(f"no such file: {path}")
-    lines = [line for line in file.read_text(encoding="utf-8").splitlines() if line.strip()]
+    try:  # utf-8-sig: a byte-order mark (as Windows editors write) is not part of the first text
+        content = file.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{path} is not UTF-8 text (byte {err.start}: {err.reason}); save it as UTF-8") from None
+    lines = [line for line in content.splitlines() if line.strip()]
     if file.suffix != ".jsonl":
         return lines, None, []
     texts, rationales, pairs = [], [], []
@@ -128,15 +145,33 @@ def read_corpus(path: str) -> tuple[list[str], list | None, list[tuple[str, str]
 
 
 def _parse_k(values: list[str]) -> list:
+    """--k of compare / evaluate: ints >= 1 or fractions in (0, 1)."""
     ks = []
     for v in values:
         try:
-            ks.append(int(v))
+            k = int(v)
         except ValueError:
             try:
-                ks.append(float(v))
+                k = float(v)
             except ValueError:
-                raise SystemExit(f"engine: --k values must be ints or fractions, got {v!r}") from None
+                raise UsageError(f"--k values must be ints >= 1 or fractions in (0, 1), got {v!r}") from None
+        if (isinstance(k, int) and k < 1) or (isinstance(k, float) and not 0 < k < 1):
+            raise UsageError(f"--k values must be ints >= 1 or fractions in (0, 1), got {v!r}")
+        ks.append(k)
+    return ks
+
+
+def _parse_int_k(values: list[str]) -> list[int]:
+    """--k of explain: ints >= 1 (a k longer than the text is skipped, and said so)."""
+    ks = []
+    for v in values:
+        try:
+            k = int(v)
+        except ValueError:
+            raise UsageError(f"--k values must be ints >= 1, got {v!r}") from None
+        if k < 1:
+            raise UsageError(f"--k values must be ints >= 1, got {v!r}")
+        ks.append(k)
     return ks
 
 
@@ -144,12 +179,12 @@ def run_evaluation(args, texts, rationales=None, pairs=()) -> int:
     from . import report
     from .explainer import Explainer
 
-    methods = _parse_methods(args.methods) if args.methods else available_methods()
+    methods = args.methods
     ex = Explainer.from_pretrained(args.model)
     ev = ex.evaluate(
         texts,
         methods,
-        k_values=_parse_k(args.k),
+        k_values=args.k,
         curve_steps=args.curve_steps,
         deletion=args.deletion,
         protect_target=not args.perturb_target,
@@ -164,6 +199,10 @@ def run_evaluation(args, texts, rationales=None, pairs=()) -> int:
     if args.plots:
         for path in report.write_plots(ev, args.plots, ex=ex):
             print(f"wrote {path}", file=sys.stderr)
+    if not ev.per_text:  # nothing to report: every text failed
+        for f in ev.failures:
+            print(f"engine: text {f.index}, {f.method}: {f.error}", file=sys.stderr)
+        raise ValueError(f"no text could be evaluated ({len(ev.failures)} failure(s) above)")
     if args.format == "json":
         out = {
             "model": args.model,
@@ -171,15 +210,15 @@ def run_evaluation(args, texts, rationales=None, pairs=()) -> int:
             "per_method": ev.per_method,
             "agreement": ev.agreement,
             "per_text": ev.to_records(),
-            "failures": [{"index": f.index, "error": str(f.error)} for f in ev.failures],
+            "failures": [{"index": f.index, "method": f.method, "error": str(f.error)} for f in ev.failures],
         }
         json.dump(_strict_json(out), sys.stdout, indent=2, allow_nan=False)
         print()
         return 0
     n = len({r["text_index"] for r in ev.per_text})
     print(f"Model: {args.model} · {n} text(s) evaluated · {len(ev.failures)} failed")
-    if len(texts) == 1 and ev.attributions:
-        a = ev.attributions[methods[0]][0]
+    if len(texts) == 1:
+        a = next(entries[0] for entries in ev.attributions.values() if entries[0])
         print(f"Text: {a.text!r}\nPredicted: {a.target_token!r} (p={a.target_prob:.3f})")
     print("\nPer-method summary (mean over texts; comp/suff: the seed's faithfulness at k):")
     print(report.summary_table(ev))
@@ -187,7 +226,7 @@ def run_evaluation(args, texts, rationales=None, pairs=()) -> int:
         print("\nAgreement (Spearman, mean over texts):")
         print(report.agreement_table(ev))
     for f in ev.failures:
-        print(f"\ntext {f.index} not evaluated: {f.error}")
+        print(f"\ntext {f.index} not evaluated by {f.method}: {f.error}")
     return 0
 
 
@@ -229,7 +268,7 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"methods, space or comma separated (default: all of {available_methods()})",
     )
     p.add_argument("--format", choices=("table", "json"), default="table")
-    p.add_argument("--k", type=int, nargs="+", default=[1, 3, 5], help="faithfulness k values (default: 1 3 5)")
+    p.add_argument("--k", nargs="+", default=["1", "3", "5"], help="faithfulness k values (default: 1 3 5)")
     p.set_defaults(func=explain)
 
     for name, helptext in (
@@ -260,9 +299,23 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:  # the command line is checked whole before any model loads
+        args.methods = _parse_methods(args.methods)
+        args.k = _parse_int_k(args.k) if args.command == "explain" else _parse_k(args.k)
+        if getattr(args, "text", None) is not None and not args.text.strip():
+            raise UsageError("the text is empty or whitespace only")
+    except UsageError as err:
+        parser.error(str(err))  # usage and message on stderr, exit status 2
     try:
         return args.func(args)
-    except (ValueError, TypeError, FileNotFoundError) as err:
-        print(f"engine: error: {err}", file=sys.stderr)
+    except (ValueError, TypeError, OSError, ImportError) as err:
+        # bad input, a model path that is not a model, a missing optional dependency: one line, status 2
+        print(f"engine: error: {_first_line(err)}", file=sys.stderr)
         return 2
+
+
+def _first_line(err: BaseException) -> str:
+    lines = [line for line in str(err).splitlines() if line.strip()]
+    return lines[0] if lines else type(err).__name__

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -52,10 +53,13 @@ class Evaluation:
     per_text: list[dict]  # one record per (text, method)
     per_method: dict[str, dict]  # method -> mean of every numeric metric over the texts (NaN-aware)
     agreement: dict[str, np.ndarray]  # "spearman" / "kendall" / "top_k_overlap" -> (M, M), mean over texts
-    curves: dict[str, dict[str, np.ndarray]]  # method -> "morf_prob", ... -> (texts, steps + 1)
+    curves: dict[str, dict[str, np.ndarray]]  # method -> "morf_prob", ... -> (its texts, steps + 1)
     fractions: np.ndarray  # the curves' x axis: fraction of perturbable tokens deleted
-    attributions: dict[str, list]  # method -> one Attribution per evaluated text
-    failures: list[AttributionFailure] = field(default_factory=list)  # texts no method could evaluate
+    # method -> one entry per evaluated text: its Attribution, or the AttributionFailure where that method
+    # failed on the text (the other methods' results for the text are kept)
+    attributions: dict[str, list]
+    # every (text, method) that could not be evaluated; method "evaluate" where the text itself was bad
+    failures: list[AttributionFailure] = field(default_factory=list)
     consistency: dict[str, list[float]] | None = None  # method -> per paraphrase pair
 
     def to_records(self) -> list[dict]:
@@ -96,6 +100,13 @@ def resolve_k(k, n_tokens: int) -> int:
     if isinstance(k, (float, np.floating)):
         return max(1, min(n_tokens, int(math.floor(k * n_tokens + 0.5))))
     return min(int(k), n_tokens)
+
+
+def _check_positive_int(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int >= 1, got {value!r}")
+    if value < 1:
+        raise ValueError(f"{name} must be an int >= 1, got {value!r}")
 
 
 def _check_per_text(name: str, values, n_texts: int) -> list:
@@ -173,8 +184,8 @@ def evaluate(
 ) -> Evaluation:
     from .options import check_method_options, make_options
 
-    texts = ex._as_list(texts)
-    methods = list(methods)
+    texts = [texts] if isinstance(texts, str) else ex._as_list(texts)  # one text, not its characters
+    methods = [methods] if isinstance(methods, str) else list(methods)
     method_options = method_options or {}
     check_method_options(methods, method_options, "evaluated", name="method_options")
     for m in methods:
@@ -182,9 +193,13 @@ def evaluate(
     ks = _check_k_values(k_values)
     if deletion not in DELETIONS:
         raise ValueError(f"deletion must be one of {list(DELETIONS)}, got {deletion!r}")
-    if isinstance(curve_steps, bool) or not isinstance(curve_steps, (int, np.integer)) or curve_steps < 1:
-        raise ValueError(f"curve_steps must be an int >= 1, got {curve_steps!r}")
+    _check_positive_int("curve_steps", curve_steps)
+    _check_positive_int("agreement_k", agreement_k)
+    if plausibility_k is not None:
+        _check_positive_int("plausibility_k", plausibility_k)
     rationales = _check_per_text("rationales", rationales, len(texts))
+    if any(r is not None for r in rationales):
+        metrics.require_sklearn()
     pairs = list(paraphrases or [])
     for pair in pairs:
         if not (isinstance(pair, (tuple, list)) and len(pair) == 2 and all(isinstance(t, str) for t in pair)):
@@ -196,18 +211,15 @@ def evaluate(
     attributed = {
         m: ex._attribute(texts + pair_texts, m, None, method_options.get(m, {}), clean_cache) for m in methods
     }
-    failures, kept = [], []
-    for i in range(len(texts)):
-        bad = next((attributed[m][i] for m in methods if not attributed[m][i]), None)
-        if bad is not None:
-            failures.append(bad)
-        else:
-            kept.append(i)
+    # a method that fails on a text (too short for its window, non-finite outputs, ...) leaves that
+    # (text, method) out; the text is evaluated with the methods that succeeded on it
+    failures = [attributed[m][i] for i in range(len(texts)) for m in methods if not attributed[m][i]]
+    kept = [i for i in range(len(texts)) if any(attributed[m][i] for m in methods)]
     rationale_masks = {}
     for i in kept:
         if rationales[i] is not None:
             mask = np.asarray(rationales[i])
-            n = len(attributed[methods[0]][i].tokens)
+            n = len(_first_success(attributed, methods, i).tokens)
             if mask.shape != (n,) or not np.isin(mask, (0, 1)).all():
                 failures.append(
                     AttributionFailure(
@@ -217,12 +229,13 @@ def evaluate(
                 continue
             rationale_masks[i] = mask.astype(int)
     kept = [i for i in kept if rationales[i] is None or i in rationale_masks]
-    failures.sort(key=lambda f: f.index)
+    failures.sort(key=lambda f: (f.index, methods.index(f.method) if f.method in methods else -1))
+    done = {i: [m for m in methods if attributed[m][i]] for i in kept}
 
     # ---- every perturbation of every kept text and method: one workload
     prepared, plans = {}, {}
     for i in kept:
-        first = attributed[methods[0]][i]
+        first = _first_success(attributed, methods, i)
         p = ex._prepare(i, texts[i], first.target_id)
         p = dataclasses.replace(p, target_prob=first.target_prob, target_logit=first.target_logit)
         prepared[i] = p
@@ -231,7 +244,7 @@ def evaluate(
         perturbable = [j for j in range(n) if not (protect_target and j == p.read_pos)]
         counts = _curve_counts(len(perturbable), curve_steps)
         plans[i] = (plan, {})
-        for m in methods:
+        for m in done[i]:
             scores = attributed[m][i].scores
             order = metrics.rank_tokens(scores)
             refs = {}
@@ -256,7 +269,7 @@ def evaluate(
     curve_arrays: dict[str, dict[str, list]] = {m: {} for m in methods}
     for i in kept:
         p, outs = prepared[i], outputs[i]
-        for m in methods:
+        for m in done[i]:
             a, refs = attributed[m][i], plans[i][1][m]
             record = {
                 "text_index": i,
@@ -289,11 +302,14 @@ def evaluate(
 
     fractions = np.linspace(0.0, 1.0, curve_steps + 1)
     curves_out = (
-        {m: {name: np.array(rows) for name, rows in curve_arrays[m].items()} for m in methods} if curves else {}
+        {m: {name: np.array(rows) for name, rows in curve_arrays[m].items()} for m in methods if curve_arrays[m]}
+        if curves
+        else {}
     )
 
     # ---- agreement, consistency, summary
-    agreement = _agreement(methods, [[attributed[m][i].scores for m in methods] for i in kept], agreement_k)
+    scores_per_text = [[attributed[m][i].scores if attributed[m][i] else None for m in methods] for i in kept]
+    agreement = _agreement(methods, scores_per_text, agreement_k)
     consistency = None
     if pairs:
         consistency = {m: [] for m in methods}
@@ -325,6 +341,8 @@ def _agreement(methods, scores_per_text, k: int) -> dict[str, np.ndarray]:
     for scores in scores_per_text:
         for a in range(n):
             for b in range(n):
+                if scores[a] is None or scores[b] is None:  # a method that failed on this text
+                    continue
                 values = {
                     "spearman": metrics.spearman(scores[a], scores[b])[0] if a != b else 1.0,
                     "kendall": metrics.kendall(scores[a], scores[b]) if a != b else 1.0,
@@ -336,6 +354,11 @@ def _agreement(methods, scores_per_text, k: int) -> dict[str, np.ndarray]:
                         counts[name][a, b] += 1
     with np.errstate(invalid="ignore", divide="ignore"):
         return {name: np.where(counts[name] > 0, sums[name] / counts[name], np.nan) for name in sums}
+
+
+def _first_success(attributed: dict, methods: list[str], i: int):
+    """Text i's attribution by the first method that succeeded on it (its target and clean scores)."""
+    return next(attributed[m][i] for m in methods if attributed[m][i])
 
 
 def _pair_consistency(a, b) -> float:

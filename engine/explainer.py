@@ -9,13 +9,16 @@ other texts are still attributed.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+import functools
+import numbers
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 
 from . import methods
 from . import reference as ref
 from .batching import BatchRunner
+from .forward import packs_rows
 from .methods import RUNNERS, PreparedText, as_float_array
 from .metrics import min_max_normalize, spearman, top_k_indices
 from .models import (
@@ -23,13 +26,14 @@ from .models import (
     CLASSIFIER,
     DEFAULT_MODEL,
     classifier_reads_first_token,
+    exclusive_eval,
     load_model,
     max_length,
     model_kind,
     replacement_id,
 )
-from .options import available_methods, check_method_options, make_options
-from .results import Attribution, AttributionFailure, Comparison
+from .options import available_methods, check_int, check_method_options, make_options
+from .results import Attribution, AttributionFailure, Comparison, NonFiniteOutputError
 
 # Token budgets per batch (query tokens + cached prefix tokens). On the 2-core CPU, forwards reach most
 # of the matmul peak from a few hundred tokens; on a GPU the budget is limited by memory instead.
@@ -37,8 +41,22 @@ DEFAULT_CPU_BATCH_TOKENS = 2048
 DEFAULT_GPU_BATCH_TOKENS = 32768
 
 
+def _exclusive(call):
+    """A public call runs holding the model's lock, in eval mode, and restores the model's mode after
+    (`models.exclusive_eval`): calls from several threads are serialized, never interleaved."""
+
+    @functools.wraps(call)
+    def locked(self, *args, **kwargs):
+        with exclusive_eval(self.model):
+            return call(self, *args, **kwargs)
+
+    return locked
+
+
 class Explainer:
-    """Token attributions for one Hugging Face causal LM or sequence classifier."""
+    """Token attributions for one Hugging Face causal LM or sequence classifier.
+
+    Thread-safe: calls on one model (from any number of Explainers and threads) run one at a time."""
 
     def __init__(
         self,
@@ -60,23 +78,28 @@ class Explainer:
         `raw_attention` and `rollout` get attention maps, "eager" (eager attention, heads fused by hooks
         as each layer returns them) or "recompute" (the model keeps SDPA; `kernels.attention_probs`
         recomputes the fused maps from queries and keys), default "recompute" on CUDA, "eager" else."""
-        self.model = model.eval()
+        self.model = model  # its train/eval mode is the user's: each call runs in eval mode (`exclusive_eval`)
         self.tokenizer = tokenizer
         self.kind = model_kind(model)
         self.max_length = max_length(model, tokenizer)
         self.num_layers = int(model.config.num_hidden_layers)
         self.replacement_id = replacement_id(tokenizer)
-        self.prefix_reuse = bool(prefix_reuse) and self.kind == CAUSAL_LM
+        self.vocab_rows = int(model.get_input_embeddings().weight.shape[0])
+        if not 0 <= self.replacement_id < self.vocab_rows:
+            raise ValueError(
+                f"the replacement token id {self.replacement_id} (the tokenizer's pad token) is outside the "
+                f"model's embedding table ({self.vocab_rows} rows)"
+            )
+        # packed rows and prefix caches for causal LMs whose masks the packed layout expresses
+        # (`forward.packs_rows`); others recompute every sequence in full, with transformers' own masks
+        self.prefix_reuse = bool(prefix_reuse) and self.kind == CAUSAL_LM and packs_rows(model)
         if max_batch_tokens is None:
             on_gpu = model.device.type == "cuda"
             max_batch_tokens = DEFAULT_GPU_BATCH_TOKENS if on_gpu else DEFAULT_CPU_BATCH_TOKENS
-        for name, value in (
-            ("max_batch_tokens", max_batch_tokens),
-            ("max_batch_size", max_batch_size),
-            ("row_capacity", row_capacity),
-        ):
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        max_batch_tokens = check_int("max_batch_tokens", max_batch_tokens, minimum=1)
+        row_capacity = check_int("row_capacity", row_capacity, minimum=1)
+        if max_batch_size is not None:
+            max_batch_size = check_int("max_batch_size", max_batch_size, minimum=1)
         from .attention_capture import MAPS
 
         if attention_maps is None:
@@ -93,20 +116,28 @@ class Explainer:
         cls, name_or_path: str = DEFAULT_MODEL, *, kind: str = "auto", dtype=None, device=None, **explainer_options
     ) -> Explainer:
         """ "smollm2" (the embedded default), a Hugging Face id or a local folder (see `load_model`);
-        `dtype`: "float32" (default) or "bfloat16" (the model runs in bf16; scores are accumulated in
-        float32). `explainer_options` are the constructor's (max_batch_tokens, prefix_reuse, ...)."""
+        `dtype`: "float32" (default), "bfloat16" or "float16" (the model runs in that dtype; scores
+        are accumulated in float32), or "float64". `explainer_options` are the constructor's
+        (max_batch_tokens, prefix_reuse, ...)."""
         import torch
 
-        dtypes = {None: torch.float32, "float32": torch.float32, "bfloat16": torch.bfloat16}
+        dtypes = {
+            None: torch.float32,
+            "float32": torch.float32,
+            "bfloat16": torch.bfloat16,
+            "float16": torch.float16,
+            "float64": torch.float64,
+        }
         if dtype in dtypes:
             dtype = dtypes[dtype]
-        elif not isinstance(dtype, torch.dtype):
-            raise ValueError(f"dtype must be one of {list(dtypes)[1:]} or a torch.dtype, got {dtype!r}")
+        elif not isinstance(dtype, torch.dtype) or dtype not in dtypes.values():
+            raise ValueError(f"dtype must be one of {list(dtypes)[1:]} (or that torch.dtype), got {dtype!r}")
         model, tokenizer = load_model(name_or_path, kind=kind, dtype=dtype, device=device)
         return cls(model, tokenizer, **explainer_options)
 
     # ----------------------------------------------------------------------------------- public calls
 
+    @_exclusive
     def attribute(self, texts: str | Sequence[str], method: str = "leave_one_out", *, target=None, **options):
         """Attribute one text (returns an `Attribution`) or a list (returns one entry per text).
 
@@ -136,12 +167,40 @@ class Explainer:
                 failures[i] = AttributionFailure(index=i, text=text, method=method, error=err)
         if prepared and method not in methods.SCORES_ITSELF:
             prepared = self._clean(prepared, {} if clean_cache is None else clean_cache)
+            for p in prepared:
+                if not np.isfinite([p.target_prob, p.target_logit]).all():
+                    failures[p.index] = self._non_finite(p, method, "logits at the read position", single)
+            prepared = [p for p in prepared if p.index not in failures]
         computed = RUNNERS[method](self, prepared, opts) if prepared else []
         results = dict(failures)
         for p, fields in zip(prepared, computed, strict=True):
-            results[p.index] = self._attribution(p, method, opts, fields)
+            if methods.finite_fields(fields):
+                results[p.index] = self._attribution(p, method, opts, fields)
+            else:
+                clean = np.isfinite([fields.get("target_prob", 0.0), fields.get("target_logit", 0.0)]).all()
+                what = "scores" if clean else "logits at the read position"
+                results[p.index] = self._non_finite(p, method, what, single)
         ordered = [results[i] for i in range(len(batch))]
         return ordered[0] if single else ordered
+
+    def _clean_one(self, text: str, target, what: str) -> PreparedText:
+        """One text's clean pass; a non-finite output raises `NonFiniteOutputError`."""
+        (p,) = methods.clean_pass(self, [self._prepare(0, text, target)])
+        if not np.isfinite([p.target_prob, p.target_logit]).all():
+            self._non_finite(p, what, "logits at the read position", single=True)
+        return p
+
+    @staticmethod
+    def _non_finite(p: PreparedText, method: str, what: str, single: bool) -> AttributionFailure:
+        """The failure of a text whose model outputs are NaN or infinite (raised for a single text)."""
+        err = NonFiniteOutputError(
+            f"non-finite {what} (token {p.read_pos % len(p.tokens)} of {len(p.tokens)}) for {method}: the "
+            "model's output on this text is NaN or infinite (NaN or infinite weights or embeddings, or an "
+            "overflow in a low-precision dtype)"
+        )
+        if single:
+            raise err
+        return AttributionFailure(index=p.index, text=p.text, method=method, error=err)
 
     def _clean(self, prepared: list[PreparedText], cache: dict) -> list[PreparedText]:
         """The clean pass for the texts not yet in `cache`; every text's scored entry from the cache."""
@@ -152,27 +211,35 @@ class Explainer:
         # cleaned entries keep the text's position in this call's list
         return [dataclasses.replace(cache[(p.text, p.target_id)], index=p.index) for p in prepared]
 
+    @_exclusive
     def predict(self, text: str) -> tuple[str, float]:
         """The predicted token (or class label) and its probability."""
-        (p,) = methods.clean_pass(self, [self._prepare(0, text, None)])
+        p = self._clean_one(text, None, "predict")
         return self._decode_target(p.target_id), p.target_prob
 
+    @_exclusive
     def faithfulness(self, text: str, attribution, k_values=(1, 3, 5), *, target=None) -> dict:
         """The seed's sufficiency and comprehensiveness at each k for `attribution` on `text`.
 
         `attribution`: an `Attribution` (its target is used unless `target` is given) or a score vector.
         """
         if isinstance(attribution, Attribution):
+            if attribution.text != text:
+                raise ValueError(
+                    f"the attribution is of another text ({attribution.text[:60]!r}), not {text[:60]!r}: pass "
+                    "the text it was computed for, or its scores as an array"
+                )
             scores = attribution.scores
             target = attribution.target_id if target is None else target
         else:
             scores = as_float_array(attribution)
-        (p,) = methods.clean_pass(self, [self._prepare(0, text, target)])
+        p = self._clean_one(text, target, "faithfulness")
         if scores.ndim != 1 or len(scores) != len(p.tokens):
             raise ValueError(f"attribution has {scores.shape} scores; the text has {len(p.tokens)} tokens")
         ks = self._check_k_values(k_values, len(p.tokens))
         return methods.faithfulness(self, p, scores, ks)
 
+    @_exclusive
     def compare(
         self,
         text: str,
@@ -183,7 +250,11 @@ class Explainer:
         options: dict[str, dict] | None = None,
     ) -> Comparison:
         """Several methods on one text: normalized scores, Spearman matrix, top-k tokens per method."""
+        if isinstance(methods, str):  # one method, not its characters
+            methods = [methods]
         methods = list(methods) if methods is not None else available_methods()
+        if not methods:
+            raise ValueError(f"methods is empty: pass at least one of {available_methods()}")
         options = options or {}
         check_method_options(methods, options, "compared")
         attributions = {m: self.attribute(text, m, target=target, **options.get(m, {})) for m in methods}
@@ -213,14 +284,15 @@ class Explainer:
             top_k=tops,
         )
 
-    def evaluate(self, texts: Sequence[str], methods: Sequence[str] | None = None, **kwargs):
+    @_exclusive
+    def evaluate(self, texts: str | Sequence[str], methods: str | Sequence[str] | None = None, **kwargs):
         """Attribute every text with every method and score the explanations: faithfulness at k,
         perturbation curves (AOPC, ABPC), sparsity, agreement, and plausibility / consistency when
         rationales / paraphrase pairs are given. All perturbations run as one batched workload.
         See `engine.evaluation.evaluate` for the keyword options and the conventions."""
         from .evaluation import evaluate
 
-        return evaluate(self, texts, list(methods) if methods is not None else available_methods(), **kwargs)
+        return evaluate(self, texts, methods if methods is not None else available_methods(), **kwargs)
 
     # ------------------------------------------------------------------------------------- internals
 
@@ -250,15 +322,19 @@ class Explainer:
 
     @staticmethod
     def _check_k_values(k_values, n_tokens: int) -> tuple[int, ...]:
-        if isinstance(k_values, int):
+        if isinstance(k_values, numbers.Integral):
             k_values = (k_values,)
+        if isinstance(k_values, (str, bytes)) or not isinstance(k_values, Iterable):
+            raise TypeError(f"k_values must be an int or a sequence of ints, got {k_values!r}")
         ks = tuple(k_values)
+        if not ks:
+            raise ValueError("k_values is empty: pass at least one k")
         for k in ks:
-            if isinstance(k, bool) or not isinstance(k, (int, np.integer)):
+            if isinstance(k, bool) or not isinstance(k, numbers.Integral):
                 raise TypeError(f"k must be an int, got {k!r}")
             if not 1 <= k <= n_tokens:
                 raise ValueError(f"k must be between 1 and the number of tokens ({n_tokens}), got {k}")
-        return ks
+        return tuple(int(k) for k in ks)
 
     def _prepare(self, index: int, text, target) -> PreparedText:
         if not isinstance(text, str):
@@ -271,6 +347,13 @@ class Explainer:
             raise ValueError("text produced no tokens")
         if n > self.max_length:
             raise ValueError(f"text has {n} tokens; this model accepts at most {self.max_length}")
+        too_big = [(i, t) for i, t in zip(inputs["input_ids"][0].tolist(), tokens, strict=True) if i >= self.vocab_rows]
+        if too_big:
+            (i, t), *_ = too_big
+            raise ValueError(
+                f"token {t!r} has id {i}, outside the model's embedding table ({self.vocab_rows} rows): the "
+                "tokenizer has tokens the model was not resized for (model.resize_token_embeddings(len(tokenizer)))"
+            )
         read_pos = 0 if self.kind == CLASSIFIER and classifier_reads_first_token(self.model) else n - 1
         return PreparedText(
             index=index,

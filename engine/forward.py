@@ -13,14 +13,74 @@
 
 from __future__ import annotations
 
+import functools
+import inspect
 from dataclasses import dataclass
 
 import torch
 
+from kernels.common import upcast
+
 from .models import CLASSIFIER
 
-# an additive mask value that stays finite in float32 and bfloat16 softmax inputs
-_BLOCKED = -1e30
+
+def blocked_value(dtype: torch.dtype) -> float:
+    """The additive mask value for a blocked key: the dtype's most negative finite number (as
+    transformers' own masks), representable in float16 too; a blocked score then underflows to a zero
+    weight, and no row is fully blocked (padding queries see themselves), so the softmax stays finite."""
+    return torch.finfo(dtype).min
+
+
+@functools.cache
+def _cache_keyword(forward_class: type) -> str:
+    params = inspect.signature(forward_class.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def cache_kwargs(model, cache) -> dict:
+    """The keyword argument that passes `cache` to the base model: `cache` in transformers >= 5.24
+    (which deprecates `past_key_values`, to be removed in 5.40), `past_key_values` before."""
+    return {_cache_keyword(type(model.base_model)): cache}
+
+
+def output_cache(out):
+    """The cache a forward returned, under either name (`cache` from 5.24 on)."""
+    return out["cache"] if "cache" in out else out["past_key_values"]
+
+
+FULL, SLIDING = "full_attention", "sliding_attention"
+
+
+def attention_layer_types(model) -> list[str]:
+    """Each layer's attention as transformers names it: the config's `layer_types` where it has them
+    (Qwen2 with `use_sliding_window`, Gemma 2/3: alternating full and sliding layers), else every layer
+    sliding when the config sets a `sliding_window` (Mistral), else every layer full."""
+    cfg = model.config
+    types = getattr(cfg, "layer_types", None)
+    if types:
+        return list(types)
+    return [SLIDING if getattr(cfg, "sliding_window", None) else FULL] * int(cfg.num_hidden_layers)
+
+
+def packs_rows(model) -> bool:
+    """Whether `packed_suffix_forward` can express this model's masks: full and sliding-window layers
+    (the window built from the rows' positions). Other kinds (chunked, linear or hybrid attention) run
+    the per-length path, where transformers builds the masks itself."""
+    return set(attention_layer_types(model)) <= {FULL, SLIDING}
+
+
+def _row_masks(model, allowed: torch.Tensor, query_pos: torch.Tensor, key_pos: torch.Tensor, dtype):
+    """The 4-D additive mask(s) of a packed batch: `allowed` (rows, queries, keys) as is for full
+    layers; for sliding layers also only keys less than `sliding_window` positions back (transformers'
+    rule: q - k < window). A mix of both goes in as transformers' per-layer-type dict."""
+    blocked = blocked_value(dtype)
+    masks = {}
+    for kind in dict.fromkeys(attention_layer_types(model)):
+        keep = allowed
+        if kind == SLIDING:
+            keep = allowed & (query_pos[:, :, None] - key_pos[:, None, :] < int(model.config.sliding_window))
+        masks[kind] = torch.zeros(keep.shape, dtype=dtype).masked_fill_(~keep, blocked)[:, None]
+    return masks if len(masks) > 1 else next(iter(masks.values()))
 
 
 def _base_and_head(model):
@@ -29,7 +89,7 @@ def _base_and_head(model):
 
 def _head_logits(model, hidden: torch.Tensor) -> torch.Tensor:
     """LM-head logits for the given hidden rows, with the final soft-capping some models apply."""
-    logits = model.get_output_embeddings()(hidden).float()
+    logits = upcast(model.get_output_embeddings()(hidden))
     cap = getattr(model.config, "final_logit_softcapping", None)
     if cap:
         logits = torch.tanh(logits / cap) * cap
@@ -45,7 +105,7 @@ class Scores:
 
 def score_logits(logits: torch.Tensor, targets: list[int | None], need_prob: bool) -> Scores:
     """Target logit (and probability) per row; a `None` target scores that row's argmax."""
-    logits = logits.float()
+    logits = upcast(logits)
     argmax = logits.argmax(dim=-1)
     chosen = torch.tensor([-1 if t is None else t for t in targets], device=logits.device)
     chosen = torch.where(chosen < 0, argmax, chosen)
@@ -81,7 +141,7 @@ def clean_cache(model, ids: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tens
     """Per-layer (keys, values) of one clean text, each (1, kv_heads, n, head_dim)."""
     base, _ = _base_and_head(model)
     out = base(input_ids=ids.to(model.device)[None], use_cache=True)
-    return [(layer.keys, layer.values) for layer in out.past_key_values.layers]
+    return [(layer.keys, layer.values) for layer in output_cache(out).layers]
 
 
 @dataclass(frozen=True)
@@ -217,6 +277,7 @@ def packed_suffix_forward(
 
     ids = torch.zeros(n_rows, width, dtype=torch.long)
     positions = torch.zeros(n_rows, width, dtype=torch.long)
+    key_positions = torch.zeros(n_rows, total + width, dtype=torch.long)  # each key column's position
     allowed = torch.zeros(n_rows, width, total + width, dtype=torch.bool)
     ends = [None] * len(suffixes)
     starts = [None] * len(suffixes)
@@ -237,9 +298,12 @@ def packed_suffix_forward(
         # padding queries attend to themselves only, so no softmax row is empty (NaN)
         pad = torch.arange(at, width)
         allowed[r, pad, total + pad] = True
+        for t, off in row_offsets[r].items():
+            key_positions[r, off : off + cached[t]] = torch.arange(cached[t])
+    key_positions[:, total:] = positions
 
     dtype = next(model.parameters()).dtype
-    mask = torch.zeros(allowed.shape, dtype=dtype).masked_fill_(~allowed, _BLOCKED)[:, None]
+    mask = _row_masks(model, allowed, positions, key_positions, dtype)
     from transformers import DynamicCache
 
     cache = DynamicCache()
@@ -262,8 +326,8 @@ def packed_suffix_forward(
     out = base(
         **inputs,
         position_ids=positions.to(device),
-        attention_mask=mask.to(device),
-        past_key_values=cache,
+        attention_mask={k: m.to(device) for k, m in mask.items()} if isinstance(mask, dict) else mask.to(device),
+        **cache_kwargs(model, cache),
         use_cache=True,
     )
     r_idx = torch.tensor([e[0] for e in ends], device=device)
@@ -278,7 +342,7 @@ def packed_suffix_forward(
         own.append(
             [
                 (layer.keys[r : r + 1, :, cols].clone(), layer.values[r : r + 1, :, cols].clone())
-                for layer in out.past_key_values.layers
+                for layer in output_cache(out).layers
             ]
         )
     return hidden, own

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from kernels.common import upcast
+
 from . import reference as ref
 from .batching import FullPayload, IGPayload, SuffixPayload
 from .metrics import rank_tokens
@@ -261,14 +263,44 @@ def _scored_fields(batch: list[PreparedText], scores) -> list[dict]:
     ]
 
 
-def run_raw_attention(ex, texts, opts):
+def finite_fields(fields: dict) -> bool:
+    """Whether a text's result has finite scores, matrix and clean-text probability and logit."""
+    arrays = [fields[k] for k in ("scores", "matrix") if fields.get(k) is not None]
+    numbers = [fields[k] for k in ("target_prob", "target_logit") if k in fields]
+    return all(np.isfinite(a).all() for a in arrays) and all(np.isfinite(numbers))
+
+
+def per_batch(ex, texts: list[PreparedText], compute) -> list[dict]:
+    """`compute(batch)` -> one result dict per text, over the attention batches of `texts`.
+
+    A packed row mixes its texts' values with zero weights, and 0 x NaN is NaN: where a packed batch
+    has a non-finite result, it is computed again in halves, down to single texts, so every text's
+    result is the one it gets without the non-finite text (`BatchRunner` does the same for items)."""
+
+    def isolating(batch):
+        fields = compute(batch)
+        if len(batch) == 1 or not _packs_texts(ex) or all(map(finite_fields, fields)):
+            return list(zip(batch, fields, strict=True))
+        half = len(batch) // 2
+        return isolating(batch[:half]) + isolating(batch[half:])
+
     results = {}
-    layer = opts.layer % ex.num_layers
     for batch in _attention_batches(ex, texts):
-        per_text, scored = fused_attention_blocks(ex, batch, "mean", layers={layer})
-        for p, (block,), fields in zip(batch, per_text, scored, strict=True):
-            results[p.index] = {"scores": block[p.read_pos].cpu().numpy(), **fields}
+        results.update((p.index, fields) for p, fields in isolating(batch))
     return [results[p.index] for p in texts]
+
+
+def run_raw_attention(ex, texts, opts):
+    layer = opts.layer % ex.num_layers
+
+    def compute(batch):
+        per_text, scored = fused_attention_blocks(ex, batch, "mean", layers={layer})
+        return [
+            {"scores": block[p.read_pos].cpu().numpy(), **fields}
+            for p, (block,), fields in zip(batch, per_text, scored, strict=True)
+        ]
+
+    return per_batch(ex, texts, compute)
 
 
 def run_rollout(ex, texts, opts):
@@ -276,8 +308,7 @@ def run_rollout(ex, texts, opts):
 
     from kernels import rollout
 
-    results = {}
-    for batch in _attention_batches(ex, texts):
+    def compute(batch):
         per_text, scored = fused_attention_blocks(ex, batch, opts.head_fusion)
         lengths = [len(p.input_ids) for p in batch]
         size = max(lengths)
@@ -296,14 +327,18 @@ def run_rollout(ex, texts, opts):
         }
         if opts.full_matrix:
             matrix = rollout(stacked, **kwargs).cpu().numpy()
-            for b, p in enumerate(batch):
-                n = lengths[b]
-                results[p.index] = {"scores": matrix[b, p.read_pos, :n], "matrix": matrix[b, :n, :n], **scored[b]}
-        else:
-            rows = rollout(stacked, rows=[p.read_pos for p in batch], **kwargs).cpu().numpy()
-            for b, p in enumerate(batch):
-                results[p.index] = {"scores": rows[b, : lengths[b]], **scored[b]}
-    return [results[p.index] for p in texts]
+            return [
+                {
+                    "scores": matrix[b, p.read_pos, : lengths[b]],
+                    "matrix": matrix[b, : lengths[b], : lengths[b]],
+                    **scored[b],
+                }
+                for b, p in enumerate(batch)
+            ]
+        rows = rollout(stacked, rows=[p.read_pos for p in batch], **kwargs).cpu().numpy()
+        return [{"scores": rows[b, : lengths[b]], **scored[b]} for b in range(len(batch))]
+
+    return per_batch(ex, texts, compute)
 
 
 def _embeds_requiring_grad(ex, holder: dict):
@@ -317,12 +352,14 @@ def _embeds_requiring_grad(ex, holder: dict):
 
 
 def run_grad_attention(ex, texts, opts):
-    results = {}
-    for batch in _attention_batches(ex, texts):
+    def compute(batch):
         matrices, scores = _gradient_weighted_blocks(ex, batch)
-        for p, matrix, fields in zip(batch, matrices, _scored_fields(batch, scores), strict=True):
-            results[p.index] = {"scores": matrix[p.read_pos], "matrix": matrix, **fields}
-    return [results[p.index] for p in texts]
+        return [
+            {"scores": matrix[p.read_pos], "matrix": matrix, **fields}
+            for p, matrix, fields in zip(batch, matrices, _scored_fields(batch, scores), strict=True)
+        ]
+
+    return per_batch(ex, texts, compute)
 
 
 def _gradient_weighted_blocks(ex, batch: list[PreparedText]):
@@ -350,7 +387,7 @@ def _gradient_weighted_blocks(ex, batch: list[PreparedText]):
     finally:
         for handle in handles:
             handle.remove()
-    weighted = torch.stack([(a * g).float().mean(dim=1) for a, g in zip(probs, grads, strict=True)]).mean(0)
+    weighted = torch.stack([upcast(a * g).mean(dim=1) for a, g in zip(probs, grads, strict=True)]).mean(0)
     weighted = weighted.detach().cpu().numpy()
     return [_text_block(weighted, where, len(p.input_ids)) for p, where in zip(batch, slices, strict=True)], scores
 
@@ -366,16 +403,18 @@ def run_lrp(ex, texts, opts):
     from .batching import frozen_weights
     from .lrp import gradient_times_input, lrp_rules
 
-    results = {}
-    for batch in _attention_batches(ex, texts):
+    def compute(batch):
         holder, slices = {}, []
         with frozen_weights(ex.model), lrp_rules(ex.model, opts.rule), torch.enable_grad():
             scores = _score(batch, _clean_forward(ex, batch, slices, _embeds_requiring_grad(ex, holder)))
             (grad,) = torch.autograd.grad(scores.logit.sum(), holder["embeds"])
         per_token = gradient_times_input(holder["embeds"], grad).cpu().numpy()
-        for p, (row, _, query_at), fields in zip(batch, slices, _scored_fields(batch, scores), strict=True):
-            results[p.index] = {"scores": per_token[row, query_at : query_at + len(p.input_ids)], **fields}
-    return [results[p.index] for p in texts]
+        return [
+            {"scores": per_token[row, query_at : query_at + len(p.input_ids)], **fields}
+            for p, (row, _, query_at), fields in zip(batch, slices, _scored_fields(batch, scores), strict=True)
+        ]
+
+    return per_batch(ex, texts, compute)
 
 
 # methods whose own forward scores the clean text (no separate clean pass)

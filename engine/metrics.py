@@ -82,6 +82,17 @@ def curve_area(values: np.ndarray) -> float:
     return float(np.trapezoid(values, dx=1.0 / (len(values) - 1)))
 
 
+def require_sklearn() -> None:
+    """Plausibility's AUPRC is scikit-learn's; checked before any work is done, not after it."""
+    try:
+        import sklearn.metrics  # noqa: F401
+    except ImportError as err:
+        raise ImportError(
+            "plausibility (rationales) needs scikit-learn: pip install 'attribution-engine[report]' "
+            "(or pip install scikit-learn)"
+        ) from err
+
+
 def auprc(rationale: np.ndarray, scores: np.ndarray) -> float:
     """Area under the precision-recall curve of `scores` against a 0/1 human rationale (ferret's
     `AUPRC_PlausibilityEvaluation`: scikit-learn's `precision_recall_curve` and `auc`). NaN when the

@@ -13,6 +13,8 @@ import contextlib
 import hashlib
 import importlib.metadata
 import os
+import threading
+import weakref
 from pathlib import Path
 
 import torch
@@ -106,6 +108,15 @@ def load_model(
 
     if kind not in ("auto", CAUSAL_LM, CLASSIFIER):
         raise ValueError(f"kind must be 'auto', '{CAUSAL_LM}' or '{CLASSIFIER}', got {kind!r}")
+    if not isinstance(name_or_path, (str, os.PathLike)):
+        raise TypeError(f"name_or_path must be a str or a path, got {type(name_or_path).__name__}")
+    name_or_path = os.fspath(name_or_path)
+    looks_local = name_or_path.startswith(("/", ".", "~"))  # "org/name" without these is a hub id
+    if looks_local and not Path(name_or_path).expanduser().is_dir():
+        what = "is a file, not a model folder" if Path(name_or_path).expanduser().exists() else "does not exist"
+        raise FileNotFoundError(f"model path {name_or_path!r} {what} (a folder with config.json and weights)")
+    if device is not None:
+        check_device(device)
     path = resolve_model_path(name_or_path)
     if kind == "auto":
         architectures = getattr(AutoConfig.from_pretrained(path), "architectures", None) or []
@@ -118,6 +129,18 @@ def load_model(
         model.to(device)
     model.eval()
     return model, tokenizer
+
+
+def check_device(device) -> None:
+    """A device this machine has: a clear error before loading, not a torch assertion after it."""
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError) as err:
+        raise ValueError(f"device must be 'cpu', 'cuda', 'cuda:N' or a torch.device, got {device!r}") from err
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {str(device)!r} asked for, but this machine has no CUDA GPU (use 'cpu')")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ValueError(f"device {str(device)!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
 
 
 def model_kind(model) -> str:
@@ -177,3 +200,33 @@ def eager_attention(model):
         yield model
     finally:
         model.set_attn_implementation(previous)
+
+
+_MODEL_LOCKS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_LOCKS_GUARD = threading.Lock()
+
+
+def model_lock(model) -> threading.RLock:
+    """One re-entrant lock per model instance (shared by every Explainer on it): a call swaps the
+    model's attention implementation, installs hooks and LRP rules, and toggles `requires_grad` on its
+    weights, so two calls on one model from two threads must not overlap."""
+    with _LOCKS_GUARD:
+        lock = _MODEL_LOCKS.get(model)
+        if lock is None:
+            lock = _MODEL_LOCKS[model] = threading.RLock()
+        return lock
+
+
+@contextlib.contextmanager
+def exclusive_eval(model):
+    """Inside the block: the model's lock held and the model in eval mode (dropout off: attributions of
+    a model in train mode would be random); on exit every module's own train/eval flag is restored, so
+    a user's mode (mixed ones included) is never changed."""
+    with model_lock(model):
+        modes = [(module, module.training) for module in model.modules()]
+        model.eval()
+        try:
+            yield model
+        finally:
+            for module, training in modes:
+                module.training = training

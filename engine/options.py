@@ -7,17 +7,26 @@ The registry here is the one list of methods: the facade, `available_methods()` 
 from __future__ import annotations
 
 import dataclasses
+import numbers
 from dataclasses import dataclass
 
 from .lrp import LRP_RULES
 from .reference import HEAD_FUSIONS, IG_BASELINES, IG_METHODS
 
 
-def _check_int(name: str, value, minimum: int | None = None) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
+def check_int(name: str, value, minimum: int | None = None) -> int:
+    """`value` as an int: Python or numpy integers (not bools, not floats, even integral ones)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
     if minimum is not None and value < minimum:
         raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return int(value)
+
+
+def _normalize(options, name: str, value) -> None:
+    """Store a checked value in a frozen options dataclass (numpy scalars become Python numbers, so
+    the options compare, hash and serialize as the same options given as Python numbers)."""
+    object.__setattr__(options, name, value)
 
 
 def _check_choice(name: str, value, choices) -> None:
@@ -30,7 +39,7 @@ class RawAttentionOptions:
     layer: int = -1  # which layer's attention (negative counts from the last); checked against the model
 
     def __post_init__(self):
-        _check_int("layer", self.layer)
+        _normalize(self, "layer", check_int("layer", self.layer))
 
 
 @dataclass(frozen=True)
@@ -42,8 +51,9 @@ class RolloutOptions:
 
     def __post_init__(self):
         _check_choice("head_fusion", self.head_fusion, HEAD_FUSIONS)
-        if isinstance(self.discard_ratio, bool) or not isinstance(self.discard_ratio, (int, float)):
+        if isinstance(self.discard_ratio, bool) or not isinstance(self.discard_ratio, numbers.Real):
             raise TypeError(f"discard_ratio must be a float, got {self.discard_ratio!r}")
+        _normalize(self, "discard_ratio", float(self.discard_ratio))
         if not 0.0 <= self.discard_ratio < 1.0:
             raise ValueError(f"discard_ratio must be in [0, 1), got {self.discard_ratio}")
         for name in ("causal_quantile", "full_matrix"):
@@ -63,7 +73,7 @@ class IntegratedGradientsOptions:
     baseline: str = "replacement"
 
     def __post_init__(self):
-        _check_int("n_steps", self.n_steps, minimum=1)
+        _normalize(self, "n_steps", check_int("n_steps", self.n_steps, minimum=1))
         _check_choice("ig_method", self.ig_method, IG_METHODS)
         _check_choice("baseline", self.baseline, IG_BASELINES)
         if self.ig_method == "riemann_trapezoid" and self.n_steps < 2:
@@ -80,7 +90,7 @@ class SlidingWindowOptions:
     window_size: int = 3  # checked against each text's length when it runs
 
     def __post_init__(self):
-        _check_int("window_size", self.window_size, minimum=1)
+        _normalize(self, "window_size", check_int("window_size", self.window_size, minimum=1))
 
 
 @dataclass(frozen=True)

@@ -126,6 +126,14 @@ def _llama(model, ids, target, rule):
     heads, kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
     group = heads // kv_heads
     causal = torch.ones(n, n, dtype=torch.bool).tril()
+    # sliding-window layers (Mistral: all; Qwen2, Gemma: those `layer_types` names) see the last
+    # `sliding_window` positions only, the query's own included, as transformers' masks
+    window = getattr(cfg, "sliding_window", None)
+    every = "sliding_attention" if window else "full_attention"
+    kinds = getattr(cfg, "layer_types", None) or [every] * len(base.layers)
+    if window:
+        i = torch.arange(n)
+        windowed = causal & (i[:, None] - i[None, :] < window)
     x = base.embed_tokens(ids)
     cos, sin = base.rotary_emb(x[None], torch.arange(n)[None])
     cos, sin = cos[0].to(x.dtype), sin[0].to(x.dtype)
@@ -134,7 +142,8 @@ def _llama(model, ids, target, rule):
         return z * cos + _rotate_half(z) * sin
 
     tape = []  # per layer: what the backward pass needs
-    for layer in base.layers:
+    for layer, kind in zip(base.layers, kinds, strict=True):
+        mask = windowed if kind == "sliding_attention" else causal
         att = layer.self_attn
         a_in_map = _rms_affine(layer.input_layernorm, x)
         a_in = a_in_map(x)
@@ -143,7 +152,7 @@ def _llama(model, ids, target, rule):
         v_lin = _heads(att.v_proj(a_in), kv_heads)
         q, k = rotary(q_lin), rotary(k_lin)
         k_rep, v_rep = k.repeat_interleave(group, 0), v_lin.repeat_interleave(group, 0)
-        o = _merge(_softmax_attention(q, k_rep, v_rep, att.scaling, causal)[2])
+        o = _merge(_softmax_attention(q, k_rep, v_rep, att.scaling, mask)[2])
         attn = att.o_proj(o)
         x1 = x + attn
         mlp = layer.mlp
@@ -173,7 +182,7 @@ def _llama(model, ids, target, rule):
         r_x, r_attn = add_rule([t["x"], t["attn"]], r_x1)
         att = t["att"]
         r_o = _heads(linear_rule(att.o_proj, t["o"], r_attn), heads)
-        r_q, r_k_rep, r_v_rep = attention_rule(t["q"], t["k_rep"], t["v_rep"], att.scaling, causal, r_o, rule)
+        r_q, r_k_rep, r_v_rep = attention_rule(t["q"], t["k_rep"], t["v_rep"], att.scaling, t["mask"], r_o, rule)
         r_k = r_k_rep.view(kv_heads, group, n, -1).sum(1)
         r_v = r_v_rep.view(kv_heads, group, n, -1).sum(1)
         r_a_in = linear_rule(att.v_proj, t["a_in"], _merge(r_v))

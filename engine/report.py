@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .display import display_tokens
 from .metrics import min_max_normalize
 
 # the columns of the per-method summary, in the order shown; `higher` says which direction is better
@@ -140,7 +141,7 @@ def rollout_figure(tokens: list[str], matrix: np.ndarray, title: str = "attentio
     n = len(tokens)
     fig, ax = plt.subplots(figsize=(0.35 * n + 2.5, 0.35 * n + 2))
     image = ax.imshow(matrix, cmap="viridis")
-    labels = [t.replace("Ġ", "_") for t in tokens]
+    labels = list(tokens)  # callers pass display tokens
     ax.set_xticks(range(n), labels, rotation=90, fontsize=7)
     ax.set_yticks(range(n), labels, fontsize=7)
     ax.set_xlabel("attended token")
@@ -154,13 +155,23 @@ def rollout_figure(tokens: list[str], matrix: np.ndarray, title: str = "attentio
 def _rollout_of_first_text(ev, ex=None):
     """The full rollout matrix of the first text: from the evaluation's own rollout attributions when it
     has them, else computed with `ex` (None when neither is available)."""
-    if "rollout" in ev.attributions and ev.attributions["rollout"][0].matrix is not None:
-        a = ev.attributions["rollout"][0]
-        return a.tokens, a.matrix
-    if ex is not None and ev.attributions:
-        a = ex.attribute(next(iter(ev.attributions.values()))[0].text, "rollout")
-        return a.tokens, a.matrix
+    first = _first_text(ev)
+    if first is None:
+        return None
+    a = ev.attributions.get("rollout", [None])[0]
+    tokenizer = ex.tokenizer if ex is not None else None
+    if a and a.matrix is not None:
+        return display_tokens(a.tokens, tokenizer), a.matrix
+    if ex is not None:
+        a = ex.attribute(first.text, "rollout")
+        return display_tokens(a.tokens, tokenizer), a.matrix
     return None
+
+
+def _first_text(ev, t: int = 0):
+    """The evaluated text t's attribution by the first method that succeeded on it (None: no texts)."""
+    entries = [ev.attributions[m][t] for m in ev.methods if len(ev.attributions.get(m, ())) > t]
+    return next((a for a in entries if a), None)
 
 
 def figures(ev, ex=None) -> dict:
@@ -172,9 +183,7 @@ def figures(ev, ex=None) -> dict:
         out["agreement"] = agreement_figure(ev)
     rollout = _rollout_of_first_text(ev, ex)
     if rollout is not None:
-        out["rollout_matrix"] = rollout_figure(
-            *rollout, title=f"attention rollout: {ev.attributions[ev.methods[0]][0].text[:60]}"
-        )
+        out["rollout_matrix"] = rollout_figure(*rollout, title=f"attention rollout: {_first_text(ev).text[:60]}")
     return out
 
 
@@ -229,12 +238,13 @@ def _figure_data_uri(fig) -> str:
 
 def html_report(ev, title: str = "Attribution evaluation", model_name: str = "", ex=None, with_figures=True) -> str:
     e = html.escape
+    tokenizer = ex.tokenizer if ex is not None else None
+    n_texts = len(next(iter(ev.attributions.values()))) if ev.attributions else 0
     parts = [
         "<!DOCTYPE html><html><head><meta charset='utf-8'>",
         f"<title>{e(title)}</title><style>{_STYLE}</style></head><body>",
         f"<h1>{e(title)}</h1>",
-        f"<p class='note'>model: {e(model_name)} · {len(ev.per_text) // max(1, len(ev.methods))} texts · "
-        f"methods: {e(', '.join(ev.methods))}</p>",
+        f"<p class='note'>model: {e(model_name)} · {n_texts} texts · methods: {e(', '.join(ev.methods))}</p>",
         "<h2>Per-method summary (mean over texts)</h2>",
     ]
     columns = summary_columns(ev)
@@ -269,9 +279,8 @@ def html_report(ev, title: str = "Attribution evaluation", model_name: str = "",
 
     parts.append("<h2>Texts</h2>")
     records = {(r["text_index"], r["method"]): r for r in ev.per_text}
-    n_texts = len(next(iter(ev.attributions.values()))) if ev.attributions else 0
     for t in range(n_texts):
-        first = ev.attributions[ev.methods[0]][t]
+        first = _first_text(ev, t)
         index = next(r["text_index"] for r in ev.per_text if r["text"] == first.text)
         parts.append(
             f"<section class='text'><h3>{e(first.text)}</h3><p>prediction: <b>{e(repr(first.target_token))}</b>"
@@ -279,10 +288,13 @@ def html_report(ev, title: str = "Attribution evaluation", model_name: str = "",
         )
         for m in ev.methods:
             a = ev.attributions[m][t]
+            if not a:
+                parts.append(f"<tr><td><b>{e(m)}</b></td><td class='note'>failed: {e(str(a.error))}</td></tr>")
+                continue
             norm = min_max_normalize(a.scores)
             spans = "".join(
-                f"<span class='tok' style='background:{_color(v)}' title='{s:+.4g}'>{e(tok.replace('Ġ', ' '))}</span>"
-                for tok, v, s in zip(a.tokens, norm, a.scores, strict=True)
+                f"<span class='tok' style='background:{_color(v)}' title='{s:+.4g}'>{e(tok)}</span>"
+                for tok, v, s in zip(display_tokens(a.tokens, tokenizer), norm, a.scores, strict=True)
             )
             r = records[(index, m)]
             faith = " · ".join(
@@ -293,7 +305,7 @@ def html_report(ev, title: str = "Attribution evaluation", model_name: str = "",
         parts.append("</table></section>")
     if ev.failures:
         parts.append("<h2>Not evaluated</h2><ul>")
-        parts += [f"<li>text {f.index}: {e(str(f.error))}</li>" for f in ev.failures]
+        parts += [f"<li>text {f.index}, {e(f.method)}: {e(str(f.error))}</li>" for f in ev.failures]
         parts.append("</ul>")
     parts.append("</body></html>")
     return "\n".join(parts)

@@ -28,6 +28,11 @@ class Attribution:
         return True
 
 
+class NonFiniteOutputError(ValueError):
+    """The model's output for a text is NaN or infinite (at the read position of the clean text, or of a
+    perturbation, or in the scores computed from them). Other texts of the same call are unaffected."""
+
+
 @dataclass
 class AttributionFailure:
     """Stands in a result list where one text could not be attributed; the others are unaffected.

@@ -115,7 +115,7 @@ def test_suffix_batches_hold_at_most_the_budget_in_padded_tokens(budget, row):
     seen = []
 
     def record(module, args, kwargs):
-        cache, mask = kwargs.get("past_key_values"), kwargs.get("attention_mask")
+        cache, mask = kwargs.get("cache", kwargs.get("past_key_values")), kwargs.get("attention_mask")
         if cache is not None and cache.get_seq_length() > 0:  # a suffix batch over prefix caches
             seen.append((mask.shape[0] * mask.shape[-1], kwargs["position_ids"]))
 
@@ -206,9 +206,14 @@ def test_progress_bar_can_be_switched(llama, capsys):
 
 
 def test_bad_budgets(llama):
-    for kwargs in ({"max_batch_tokens": 0}, {"max_batch_size": -1}, {"row_capacity": 1.5}):
-        with pytest.raises(ValueError, match="positive int"):
+    for kwargs in ({"max_batch_tokens": 0}, {"max_batch_size": -1}, {"row_capacity": 0}):
+        with pytest.raises(ValueError, match=">= 1"):
             Explainer(*llama, **kwargs)
+    for kwargs in ({"max_batch_tokens": 2.5}, {"row_capacity": 1.5}, {"max_batch_size": "4"}, {"row_capacity": True}):
+        with pytest.raises(TypeError, match="must be an int"):
+            Explainer(*llama, **kwargs)
+    ex = Explainer(*llama, max_batch_tokens=np.int64(64), max_batch_size=np.int32(3))  # numpy ints are ints
+    assert type(ex.runner.max_batch_tokens) is int and ex.runner.max_batch_size == 3
 
 
 @pytest.mark.parametrize("family_name", ["llama", "gpt2"])

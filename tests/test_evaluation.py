@@ -4,6 +4,7 @@ seed's functions, and direct model calls for the perturbation curves."""
 from __future__ import annotations
 
 import random
+import sys
 
 import numpy as np
 import pytest
@@ -294,3 +295,52 @@ def test_bad_options_are_clear_errors(llama, kwargs, error, match):
     model, tok = llama
     with pytest.raises(error, match=match):
         Explainer(model, tok).evaluate(["the cat sat", "a dog"], ["leave_one_out"], **kwargs)
+
+
+def test_a_method_failing_on_a_text_keeps_the_text_for_the_others(llama):
+    model, tok = llama
+    texts = ["the cat sat on the mat", "a dog", "the big bird sat on the tree"]
+    ev = Explainer(model, tok).evaluate(
+        texts, ["leave_one_out", "sliding_window"], k_values=(1,), method_options={"sliding_window": {"window_size": 3}}
+    )
+    assert [(f.index, f.method) for f in ev.failures] == [(1, "sliding_window")]
+    by_method = {m: [r["text_index"] for r in ev.per_text if r["method"] == m] for m in ev.methods}
+    assert by_method == {"leave_one_out": [0, 1, 2], "sliding_window": [0, 2]}
+    assert not ev.attributions["sliding_window"][1] and ev.attributions["leave_one_out"][1]
+    assert (
+        ev.curves["leave_one_out"]["morf_prob"].shape[0] == 3 and ev.curves["sliding_window"]["morf_prob"].shape[0] == 2
+    )
+    assert ev.per_method["sliding_window"]["n_texts"] == 2
+
+
+def test_one_str_is_one_text(llama):
+    model, tok = llama
+    ev = Explainer(model, tok).evaluate("the cat sat", "leave_one_out", k_values=(1,))
+    assert ev.texts == ["the cat sat"] and ev.methods == ["leave_one_out"] and len(ev.per_text) == 1
+
+
+@pytest.mark.parametrize(
+    "kwargs,error,match",
+    [
+        ({"agreement_k": 0}, ValueError, "agreement_k must be an int >= 1"),
+        ({"agreement_k": "3"}, TypeError, "agreement_k must be an int >= 1"),
+        ({"plausibility_k": 0}, ValueError, "plausibility_k"),
+        ({"curve_steps": 2.0}, TypeError, "curve_steps"),
+    ],
+)
+def test_bad_counts_fail_before_any_work(llama, kwargs, error, match):
+    model, tok = llama
+    with pytest.raises(error, match=match):
+        Explainer(model, tok).evaluate(["the cat sat", "a dog"], ["leave_one_out"], **kwargs)
+
+
+def test_rationales_without_scikit_learn_fail_before_any_work(llama, monkeypatch):
+    model, tok = llama
+    ex = Explainer(model, tok)
+    calls = []
+    monkeypatch.setattr(ex.runner, "run", lambda *a, **k: calls.append(a))
+    for name in ("sklearn", "sklearn.metrics"):
+        monkeypatch.setitem(sys.modules, name, None)  # as if scikit-learn were not installed
+    with pytest.raises(ImportError, match=r"attribution-engine\[report\]"):
+        ex.evaluate(["the cat sat"], ["leave_one_out"], rationales=[[0, 1, 0]])
+    assert calls == []

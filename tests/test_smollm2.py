@@ -91,7 +91,24 @@ def test_engine_explain_default_model():
     assert out.returncode == 0, out.stderr
     report = json.loads(out.stdout)
     assert report["prediction"]["token"] == " Paris"
-    assert report["tokens"][:2] == ["The", "ĠE"]
+    assert report["tokens"][:2] == ["The", "ĠE"]  # JSON keeps the raw tokens
+    table = subprocess.run(
+        [sys.executable, "-m", "engine", "explain", EIFFEL, "--methods", "rollout", "--k", "1"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert table.returncode == 0, table.stderr
+    assert "␣Tower" in table.stdout and "ĠTower" not in table.stdout  # tables show text, spaces marked
+
+
+def test_display_tokens_decode_byte_level_pieces(smollm2):
+    from engine.display import display_tokens
+
+    tok = smollm2.tokenizer
+    tokens = tok.tokenize("The Eiffel\n in Zürich")
+    assert display_tokens(tokens, tok) == ["The", "␣E", "iffel", "\\n", "␣in", "␣Z", "ü", "rich"]
+    assert display_tokens(["ĠE", "▁word", "Ċ"]) == ["␣E", "␣word", "\\n"]  # without a tokenizer: the marks
 
 
 def test_batched_methods_at_odd_budgets_on_smollm2(smollm2, refs):
