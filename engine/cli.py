@@ -144,33 +144,21 @@ def read_corpus(path: str) -> tuple[list[str], list | None, list[tuple[str, str]
     return texts, (rationales if any(r is not None for r in rationales) else None), pairs
 
 
-def _parse_k(values: list[str]) -> list:
-    """--k of compare / evaluate: ints >= 1 or fractions in (0, 1)."""
+def _parse_k(values: list[str], fractions: bool = True) -> list:
+    """--k: ints >= 1, or also fractions in (0, 1) (compare / evaluate; explain takes ints only and
+    skips, and says so, a k longer than the text)."""
+    allowed = "ints >= 1 or fractions in (0, 1)" if fractions else "ints >= 1"
     ks = []
     for v in values:
         try:
             k = int(v)
         except ValueError:
             try:
-                k = float(v)
+                k = float(v) if fractions else None
             except ValueError:
-                raise UsageError(f"--k values must be ints >= 1 or fractions in (0, 1), got {v!r}") from None
-        if (isinstance(k, int) and k < 1) or (isinstance(k, float) and not 0 < k < 1):
-            raise UsageError(f"--k values must be ints >= 1 or fractions in (0, 1), got {v!r}")
-        ks.append(k)
-    return ks
-
-
-def _parse_int_k(values: list[str]) -> list[int]:
-    """--k of explain: ints >= 1 (a k longer than the text is skipped, and said so)."""
-    ks = []
-    for v in values:
-        try:
-            k = int(v)
-        except ValueError:
-            raise UsageError(f"--k values must be ints >= 1, got {v!r}") from None
-        if k < 1:
-            raise UsageError(f"--k values must be ints >= 1, got {v!r}")
+                k = None
+        if k is None or (isinstance(k, int) and k < 1) or (isinstance(k, float) and not 0 < k < 1):
+            raise UsageError(f"--k values must be {allowed}, got {v!r}")
         ks.append(k)
     return ks
 
@@ -303,7 +291,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:  # the command line is checked whole before any model loads
         args.methods = _parse_methods(args.methods)
-        args.k = _parse_int_k(args.k) if args.command == "explain" else _parse_k(args.k)
+        args.k = _parse_k(args.k, fractions=args.command != "explain")
         if getattr(args, "text", None) is not None and not args.text.strip():
             raise UsageError("the text is empty or whitespace only")
     except UsageError as err:

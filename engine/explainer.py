@@ -41,6 +41,11 @@ DEFAULT_CPU_BATCH_TOKENS = 2048
 DEFAULT_GPU_BATCH_TOKENS = 32768
 
 
+def _scored_finite(p: PreparedText) -> bool:
+    """Whether a text's clean pass gave a finite probability and logit for its target."""
+    return bool(np.isfinite([p.target_prob, p.target_logit]).all())
+
+
 def _exclusive(call):
     """A public call runs holding the model's lock, in eval mode, and restores the model's mode after
     (`models.exclusive_eval`): calls from several threads are serialized, never interleaved."""
@@ -168,7 +173,7 @@ class Explainer:
         if prepared and method not in methods.SCORES_ITSELF:
             prepared = self._clean(prepared, {} if clean_cache is None else clean_cache)
             for p in prepared:
-                if not np.isfinite([p.target_prob, p.target_logit]).all():
+                if not _scored_finite(p):
                     failures[p.index] = self._non_finite(p, method, "logits at the read position", single)
             prepared = [p for p in prepared if p.index not in failures]
         computed = RUNNERS[method](self, prepared, opts) if prepared else []
@@ -186,7 +191,7 @@ class Explainer:
     def _clean_one(self, text: str, target, what: str) -> PreparedText:
         """One text's clean pass; a non-finite output raises `NonFiniteOutputError`."""
         (p,) = methods.clean_pass(self, [self._prepare(0, text, target)])
-        if not np.isfinite([p.target_prob, p.target_logit]).all():
+        if not _scored_finite(p):
             self._non_finite(p, what, "logits at the read position", single=True)
         return p
 
