@@ -13,7 +13,7 @@ check_kernels_package()  # before anything imports `kernels`: a clash gets a cle
 
 from .explainer import Explainer  # noqa: E402
 from .models import DEFAULT_MODEL, load_model  # noqa: E402
-from .options import available_methods  # noqa: E402
+from .methods import available_methods  # noqa: E402
 from .results import Attribution, AttributionFailure, Comparison, NonFiniteOutputError  # noqa: E402
 
 __all__ = [

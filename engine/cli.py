@@ -17,7 +17,7 @@ import numpy as np
 
 from .display import display_token, display_tokens
 from .models import CLASSIFIER, DEFAULT_MODEL
-from .options import available_methods
+from .methods import available_methods
 
 BAR_WIDTH = 30
 

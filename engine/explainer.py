@@ -1,39 +1,44 @@
 """The facade: `Explainer(model, tokenizer).attribute(texts, method=..., **options)`.
 
-The public calls normalize and validate their inputs, resolve each text's target, delegate to the
-method runners (`engine.methods`), and return typed results (`engine.results`). A bad option fails
-the whole call at once; a bad text in a list becomes an `AttributionFailure` in its place and the
-other texts are still attributed.
+The public calls normalize and validate their inputs and resolve each text's target on the caller's
+thread; each method's registry entry (`engine.methods`) expands the texts into work, which runs on the
+Explainer's engine loop (`engine.runtime.loop`: one thread touches the model, concurrent calls share
+batches); the method's reduce step turns each text's outputs into typed results (`engine.results`).
+A bad option fails the whole call at once; a bad text in a list becomes an `AttributionFailure` in its
+place and the other texts are still attributed.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
-import numbers
-from collections.abc import Iterable, Sequence
+import threading
+from collections import deque
+from collections.abc import Sequence
 
 import numpy as np
+from tqdm.auto import tqdm
 
-from . import methods
-from . import reference as ref
-from .batching import BatchRunner
-from .forward import packs_rows
-from .methods import RUNNERS, PreparedText, as_float_array
-from .metrics import min_max_normalize, spearman, top_k_indices
+from . import methods as registry
+from .encoding import encode
+from .methods import PreparedText, available_methods, make_options
+from .methods._base import clean_work, cleaned, finite_fields, perturbation_work, replaced
+from .metrics import comprehensiveness, min_max_normalize, rank_tokens, spearman, sufficiency, top_k_indices
 from .models import (
     CAUSAL_LM,
     CLASSIFIER,
     DEFAULT_MODEL,
     classifier_reads_first_token,
-    exclusive_eval,
     load_model,
     max_length,
     model_kind,
     replacement_id,
 )
-from .options import available_methods, check_int, check_method_options, make_options
+from .options import check_int, check_k_values, check_method_options
 from .results import Attribution, AttributionFailure, Comparison, NonFiniteOutputError
+from .runtime.context import ModelContext
+from .runtime.forward import packs_rows
+from .runtime.loop import EngineLoop
+from .runtime.runner import ModelRunner
 
 # Token budgets per batch (query tokens + cached prefix tokens). On the 2-core CPU, forwards reach most
 # of the matmul peak from a few hundred tokens; on a GPU the budget is limited by memory instead.
@@ -46,22 +51,15 @@ def _scored_finite(p: PreparedText) -> bool:
     return bool(np.isfinite([p.target_prob, p.target_logit]).all())
 
 
-def _exclusive(call):
-    """A public call runs holding the model's lock, in eval mode, and restores the model's mode after
-    (`models.exclusive_eval`): calls from several threads are serialized, never interleaved."""
-
-    @functools.wraps(call)
-    def locked(self, *args, **kwargs):
-        with exclusive_eval(self.model):
-            return call(self, *args, **kwargs)
-
-    return locked
+def as_float_array(x) -> np.ndarray:
+    return np.asarray(x, dtype=np.float64)
 
 
 class Explainer:
     """Token attributions for one Hugging Face causal LM or sequence classifier.
 
-    Thread-safe: calls on one model (from any number of Explainers and threads) run one at a time."""
+    Thread-safe: calls from any number of threads run concurrently on one engine loop, whose one
+    thread runs the model; their work shares batches. Explainers on one model take turns per batch."""
 
     def __init__(
         self,
@@ -74,6 +72,7 @@ class Explainer:
         row_capacity: int = 256,
         progress: bool | None = None,
         attention_maps: str | None = None,
+        max_request_share: float | None = 0.5,
     ):
         """`max_batch_tokens`: padded tokens per batch, the cached prefix they attend to included
         (default 2048 on the CPU, 32768 on CUDA); `max_batch_size`: items per batch (default: no limit);
@@ -82,7 +81,9 @@ class Explainer:
         suffixes; `progress`: a tqdm bar (default: on for 16 texts or more); `attention_maps`: how
         `raw_attention` and `rollout` get attention maps, "eager" (eager attention, heads fused by hooks
         as each layer returns them) or "recompute" (the model keeps SDPA; `kernels.attention_probs`
-        recomputes the fused maps from queries and keys), default "recompute" on CUDA, "eager" else."""
+        recomputes the fused maps from queries and keys), default "recompute" on CUDA, "eager" else;
+        `max_request_share`: the share of a batch one call may take while other calls wait (None: strict
+        arrival order)."""
         self.model = model  # its train/eval mode is the user's: each call runs in eval mode (`exclusive_eval`)
         self.tokenizer = tokenizer
         self.kind = model_kind(model)
@@ -105,16 +106,27 @@ class Explainer:
         row_capacity = check_int("row_capacity", row_capacity, minimum=1)
         if max_batch_size is not None:
             max_batch_size = check_int("max_batch_size", max_batch_size, minimum=1)
-        from .attention_capture import MAPS
+        from .runtime.attention_capture import MAPS
 
         if attention_maps is None:
             attention_maps = "recompute" if model.device.type == "cuda" else "eager"
         if attention_maps not in MAPS:
             raise ValueError(f"attention_maps must be one of {list(MAPS)} or None, got {attention_maps!r}")
         self.attention_maps = attention_maps
-        self.runner = BatchRunner(
-            model, self.kind, self.replacement_id, max_batch_tokens, max_batch_size, row_capacity, progress
+        self.progress = progress
+        self.context = ModelContext(
+            model=model,
+            tokenizer=tokenizer,
+            kind=self.kind,
+            num_layers=self.num_layers,
+            replacement_id=self.replacement_id,
+            reads_first_token=self.kind == CLASSIFIER and classifier_reads_first_token(model),
+            prefix_reuse=self.prefix_reuse,
+            row_capacity=row_capacity,
+            attention_maps=attention_maps,
         )
+        self.loop = EngineLoop(ModelRunner(self.context), max_batch_tokens, max_batch_size, max_request_share)
+        self._tokenizer_lock = threading.Lock()  # a fast tokenizer's settings may not change under a running call
 
     @classmethod
     def from_pretrained(
@@ -142,7 +154,6 @@ class Explainer:
 
     # ----------------------------------------------------------------------------------- public calls
 
-    @_exclusive
     def attribute(self, texts: str | Sequence[str], method: str = "leave_one_out", *, target=None, **options):
         """Attribute one text (returns an `Attribution`) or a list (returns one entry per text).
 
@@ -156,30 +167,33 @@ class Explainer:
     def _attribute(self, texts, method: str, target, options: dict, clean_cache: dict | None):
         """`attribute`; `clean_cache` (text, target) -> clean-pass result, shared by calls that
         attribute the same texts with several methods (`evaluate`), so each text is scored once."""
+        spec = registry.get(method)
         opts = make_options(method, **options)
-        self._check_model_level(method, opts)
+        if spec.check_model is not None:
+            spec.check_model(self.context, opts)
         single = isinstance(texts, str)
         batch = [texts] if single else self._as_list(texts)
         prepared, failures = [], {}
         for i, text in enumerate(batch):
             try:
                 p = self._prepare(i, text, target)
-                self._check_text_level(method, opts, p)
+                if spec.check_text is not None:
+                    spec.check_text(p, opts)
                 prepared.append(p)
             except (ValueError, TypeError) as err:
                 if single:
                     raise
                 failures[i] = AttributionFailure(index=i, text=text, method=method, error=err)
-        if prepared and method not in methods.SCORES_ITSELF:
+        if prepared and not spec.scores_itself:
             prepared = self._clean(prepared, {} if clean_cache is None else clean_cache)
             for p in prepared:
                 if not _scored_finite(p):
                     failures[p.index] = self._non_finite(p, method, "logits at the read position", single)
             prepared = [p for p in prepared if p.index not in failures]
-        computed = RUNNERS[method](self, prepared, opts) if prepared else []
+        computed = self._run_method(spec, prepared, opts) if prepared else []
         results = dict(failures)
         for p, fields in zip(prepared, computed, strict=True):
-            if methods.finite_fields(fields):
+            if finite_fields(fields):
                 results[p.index] = self._attribution(p, method, opts, fields)
             else:
                 clean = np.isfinite([fields.get("target_prob", 0.0), fields.get("target_logit", 0.0)]).all()
@@ -188,9 +202,55 @@ class Explainer:
         ordered = [results[i] for i in range(len(batch))]
         return ordered[0] if single else ordered
 
+    def _run_method(self, spec, prepared: list[PreparedText], opts) -> list[dict]:
+        """Expand every text, run all their work as one request on the loop, reduce each text's outputs."""
+        per_text = [spec.expand(self.context, p, opts) for p in prepared]
+        outputs = self._run([w for work in per_text for w in work], spec.name, len(prepared))
+        fields, at = [], 0
+        for p, work in zip(prepared, per_text, strict=True):
+            fields.append(spec.reduce(self.context, p, opts, outputs[at : at + len(work)]))
+            at += len(work)
+        return fields
+
+    def _run(self, work: list, desc: str, n_texts: int) -> list:
+        """Run `work` on the loop as one request (a tqdm bar for 16 texts or more, unless `progress`);
+        an interrupted call (KeyboardInterrupt, an error) cancels its request before it propagates."""
+        show = self.progress if self.progress is not None else n_texts >= 16
+        with tqdm(total=len(work), desc=desc, disable=not show, leave=False) as bar:
+            return self.loop.run(work, on_progress=bar.update if show else None)
+
+    def _stream(self, keys, plan, finish, desc: str, window: int) -> None:
+        """For each key in order: `plan(key)` (with `.work`) runs as its own request, up to `window` in
+        flight, and `finish(key, plan, outputs)` is called as they complete, in order; all requests of
+        the call share one owner's share of each batch. Interrupted, every pending request is cancelled."""
+        owner = object()
+        pending: deque = deque()
+        show = self.progress if self.progress is not None else len(keys) >= 16
+        with tqdm(total=len(keys), desc=desc, disable=not show, leave=False) as bar:
+            try:
+                for key in keys:
+                    planned = plan(key)
+                    pending.append((key, planned, self.loop.submit(planned.work, owner=owner)))
+                    while len(pending) >= window or (pending and pending[0][2].done()):
+                        done_key, done_plan, future = pending.popleft()
+                        finish(done_key, done_plan, self.loop.result(future))
+                        bar.update(1)
+                while pending:
+                    done_key, done_plan, future = pending.popleft()
+                    finish(done_key, done_plan, self.loop.result(future))
+                    bar.update(1)
+            except BaseException:
+                for _, _, future in pending:
+                    self.loop.cancel(future)
+                raise
+
+    def _clean_pass(self, prepared: list[PreparedText]) -> list[PreparedText]:
+        outputs = self._run([clean_work(self.context, p) for p in prepared], "clean pass", len(prepared))
+        return [cleaned(p, out) for p, out in zip(prepared, outputs, strict=True)]
+
     def _clean_one(self, text: str, target, what: str) -> PreparedText:
         """One text's clean pass; a non-finite output raises `NonFiniteOutputError`."""
-        (p,) = methods.clean_pass(self, [self._prepare(0, text, target)])
+        (p,) = self._clean_pass([self._prepare(0, text, target)])
         if not _scored_finite(p):
             self._non_finite(p, what, "logits at the read position", single=True)
         return p
@@ -211,18 +271,16 @@ class Explainer:
         """The clean pass for the texts not yet in `cache`; every text's scored entry from the cache."""
         missing = [p for p in prepared if (p.text, p.target_id) not in cache]
         if missing:
-            cleaned = methods.clean_pass(self, missing)
-            cache.update(((p.text, p.target_id), c) for p, c in zip(missing, cleaned, strict=True))
+            done = self._clean_pass(missing)
+            cache.update(((p.text, p.target_id), c) for p, c in zip(missing, done, strict=True))
         # cleaned entries keep the text's position in this call's list
         return [dataclasses.replace(cache[(p.text, p.target_id)], index=p.index) for p in prepared]
 
-    @_exclusive
     def predict(self, text: str) -> tuple[str, float]:
         """The predicted token (or class label) and its probability."""
         p = self._clean_one(text, None, "predict")
         return self._decode_target(p.target_id), p.target_prob
 
-    @_exclusive
     def faithfulness(self, text: str, attribution, k_values=(1, 3, 5), *, target=None) -> dict:
         """The seed's sufficiency and comprehensiveness at each k for `attribution` on `text`.
 
@@ -241,10 +299,23 @@ class Explainer:
         p = self._clean_one(text, target, "faithfulness")
         if scores.ndim != 1 or len(scores) != len(p.tokens):
             raise ValueError(f"attribution has {scores.shape} scores; the text has {len(p.tokens)} tokens")
-        ks = self._check_k_values(k_values, len(p.tokens))
-        return methods.faithfulness(self, p, scores, ks)
+        ks = check_k_values(k_values, len(p.tokens))
+        order = rank_tokens(scores)
+        work = []
+        for k in ks:
+            top = set(order[:k].tolist())
+            keep_top = replaced(p.input_ids, [i for i in range(len(p.tokens)) if i not in top], self.replacement_id)
+            work.append(perturbation_work(self.context, p, keep_top, True))
+            work.append(perturbation_work(self.context, p, replaced(p.input_ids, top, self.replacement_id), True))
+        outs = self._run(work, "faithfulness", 1)
+        return {
+            f"k={k}": {
+                "sufficiency": sufficiency(outs[2 * j].prob, p.target_prob),
+                "comprehensiveness": comprehensiveness(outs[2 * j + 1].prob, p.target_prob),
+            }
+            for j, k in enumerate(ks)
+        }
 
-    @_exclusive
     def compare(
         self,
         text: str,
@@ -265,7 +336,7 @@ class Explainer:
         attributions = {m: self.attribute(text, m, target=target, **options.get(m, {})) for m in methods}
         first = attributions[methods[0]]
         # as the seed's `argsort(...)[-3:]`, a text shorter than top_k shows all its tokens
-        top_k = min(self._check_k_values((top_k,), self.max_length)[0], len(first.tokens))
+        top_k = min(check_k_values((top_k,), self.max_length)[0], len(first.tokens))
         normalized = {m: min_max_normalize(a.scores) for m, a in attributions.items()}
         n = len(methods)
         rho, pval = np.eye(n), np.zeros((n, n))
@@ -289,7 +360,6 @@ class Explainer:
             top_k=tops,
         )
 
-    @_exclusive
     def evaluate(self, texts: str | Sequence[str], methods: str | Sequence[str] | None = None, **kwargs):
         """Attribute every text with every method and score the explanations: faithfulness at k,
         perturbation curves (AOPC, ABPC), sparsity, agreement, and plausibility / consistency when
@@ -309,44 +379,13 @@ class Explainer:
             raise ValueError("texts is empty: pass at least one text")
         return list(texts)
 
-    def _check_model_level(self, method: str, opts) -> None:
-        if method == "lrp":
-            from .lrp import check_supported
-
-            check_supported(self.model, opts.rule)
-        if method == "raw_attention" and not -self.num_layers <= opts.layer < self.num_layers:
-            raise ValueError(
-                f"layer must be in [{-self.num_layers}, {self.num_layers - 1}] for this "
-                f"{self.num_layers}-layer model, got {opts.layer}"
-            )
-
-    @staticmethod
-    def _check_text_level(method: str, opts, p: PreparedText) -> None:
-        if method == "sliding_window" and opts.window_size > len(p.tokens):
-            raise ValueError(f"window_size {opts.window_size} is larger than the text ({len(p.tokens)} tokens)")
-
-    @staticmethod
-    def _check_k_values(k_values, n_tokens: int) -> tuple[int, ...]:
-        if isinstance(k_values, numbers.Integral):
-            k_values = (k_values,)
-        if isinstance(k_values, (str, bytes)) or not isinstance(k_values, Iterable):
-            raise TypeError(f"k_values must be an int or a sequence of ints, got {k_values!r}")
-        ks = tuple(k_values)
-        if not ks:
-            raise ValueError("k_values is empty: pass at least one k")
-        for k in ks:
-            if isinstance(k, bool) or not isinstance(k, numbers.Integral):
-                raise TypeError(f"k must be an int, got {k!r}")
-            if not 1 <= k <= n_tokens:
-                raise ValueError(f"k must be between 1 and the number of tokens ({n_tokens}), got {k}")
-        return tuple(int(k) for k in ks)
-
     def _prepare(self, index: int, text, target) -> PreparedText:
         if not isinstance(text, str):
             raise TypeError(f"text must be a str, got {type(text).__name__}")
         if not text.strip():
             raise ValueError("text is empty or whitespace only")
-        inputs, tokens = ref.encode(self.tokenizer, text)
+        with self._tokenizer_lock:
+            inputs, tokens = encode(self.tokenizer, text)
         n = len(tokens)
         if n == 0:
             raise ValueError("text produced no tokens")
@@ -359,7 +398,7 @@ class Explainer:
                 f"token {t!r} has id {i}, outside the model's embedding table ({self.vocab_rows} rows): the "
                 "tokenizer has tokens the model was not resized for (model.resize_token_embeddings(len(tokenizer)))"
             )
-        read_pos = 0 if self.kind == CLASSIFIER and classifier_reads_first_token(self.model) else n - 1
+        read_pos = self.context.read_pos(n)
         return PreparedText(
             index=index,
             text=text,
@@ -396,7 +435,8 @@ class Explainer:
         vocab = self.tokenizer.get_vocab()
         if target in vocab:  # a raw vocabulary entry, e.g. 'ĠParis'
             return vocab[target]
-        ids = self.tokenizer(target, add_special_tokens=False)["input_ids"]
+        with self._tokenizer_lock:
+            ids = self.tokenizer(target, add_special_tokens=False)["input_ids"]
         unk = self.tokenizer.unk_token_id
         if len(ids) != 1 or (unk is not None and ids[0] == unk):
             raise ValueError(

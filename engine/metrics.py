@@ -136,3 +136,13 @@ def align_tokens(tokens_a: list[str], tokens_b: list[str]) -> list[tuple[int, in
         if key and free.get(key):
             pairs.append((i, free[key].pop(0)))
     return pairs
+
+
+def sufficiency(p_kept: float, p_clean: float) -> float:
+    """The seed's sufficiency: p(target | only the top-k kept) / p(target | the clean text)."""
+    return p_kept / p_clean
+
+
+def comprehensiveness(p_removed: float, p_clean: float) -> float:
+    """The seed's comprehensiveness: 1 - p(target | the top-k replaced) / p(target | the clean text)."""
+    return 1 - p_removed / p_clean

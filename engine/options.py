@@ -1,17 +1,11 @@
-"""Method names and their options: small frozen dataclasses validated on construction.
-
-The registry here is the one list of methods: the facade, `available_methods()` and the CLI's
-`choices=` all read it, so an unknown name gets the same list of valid ones everywhere.
-"""
+"""Validation helpers shared by the methods' options dataclasses and the facade's arguments: each
+argument rule is written once, with a message that says what was wrong and what is allowed."""
 
 from __future__ import annotations
 
-import dataclasses
+import math
 import numbers
-from dataclasses import dataclass
-
-from .lrp import LRP_RULES
-from .reference import HEAD_FUSIONS, IG_BASELINES, IG_METHODS
+from collections.abc import Iterable
 
 
 def check_int(name: str, value, minimum: int | None = None) -> int:
@@ -23,117 +17,58 @@ def check_int(name: str, value, minimum: int | None = None) -> int:
     return int(value)
 
 
-def _normalize(options, name: str, value) -> None:
+def normalize(options, name: str, value) -> None:
     """Store a checked value in a frozen options dataclass (numpy scalars become Python numbers, so
     the options compare, hash and serialize as the same options given as Python numbers)."""
     object.__setattr__(options, name, value)
 
 
-def _check_choice(name: str, value, choices) -> None:
+def check_choice(name: str, value, choices) -> None:
     if value not in choices:
         raise ValueError(f"{name} must be one of {list(choices)}, got {value!r}")
 
 
-@dataclass(frozen=True)
-class RawAttentionOptions:
-    layer: int = -1  # which layer's attention (negative counts from the last); checked against the model
-
-    def __post_init__(self):
-        _normalize(self, "layer", check_int("layer", self.layer))
-
-
-@dataclass(frozen=True)
-class RolloutOptions:
-    head_fusion: str = "mean"
-    discard_ratio: float = 0.0
-    causal_quantile: bool = False  # take the discard quantile over the lower triangle only
-    full_matrix: bool = True  # also return the (S, S) rollout; False computes only the row read (O(L S^2))
-
-    def __post_init__(self):
-        _check_choice("head_fusion", self.head_fusion, HEAD_FUSIONS)
-        if isinstance(self.discard_ratio, bool) or not isinstance(self.discard_ratio, numbers.Real):
-            raise TypeError(f"discard_ratio must be a float, got {self.discard_ratio!r}")
-        _normalize(self, "discard_ratio", float(self.discard_ratio))
-        if not 0.0 <= self.discard_ratio < 1.0:
-            raise ValueError(f"discard_ratio must be in [0, 1), got {self.discard_ratio}")
-        for name in ("causal_quantile", "full_matrix"):
-            if not isinstance(getattr(self, name), bool):
-                raise TypeError(f"{name} must be a bool, got {getattr(self, name)!r}")
-
-
-@dataclass(frozen=True)
-class GradAttentionOptions:
-    pass
+def check_k_values(k_values, n_tokens: int | None = None, fractions: bool = False) -> tuple:
+    """k values as given: an int or a sequence of them, each >= 1 (and <= `n_tokens` when given); with
+    `fractions`, also floats in (0, 1), a fraction of each text's tokens (`resolve_k`)."""
+    allowed = "an int >= 1 or a fraction in (0, 1)" if fractions else "an int"
+    if isinstance(k_values, numbers.Real) and not isinstance(k_values, bool):
+        k_values = (k_values,)
+    if isinstance(k_values, (str, bytes)) or not isinstance(k_values, Iterable):
+        raise TypeError(f"k_values must be {allowed} or a sequence of them, got {k_values!r}")
+    ks = tuple(k_values)
+    if not ks:
+        raise ValueError("k_values is empty: pass at least one k")
+    out = []
+    for k in ks:
+        is_int = isinstance(k, numbers.Integral) and not isinstance(k, bool)
+        is_fraction = fractions and isinstance(k, numbers.Real) and not is_int and not isinstance(k, bool)
+        if not (is_int or is_fraction):
+            raise TypeError(f"k must be {allowed}, got {k!r}")
+        if is_fraction:
+            if not 0 < k < 1:
+                raise ValueError(f"a fractional k must be in (0, 1), got {k}")
+            out.append(float(k))
+        elif k < 1 or (n_tokens is not None and k > n_tokens):
+            upper = f" and the number of tokens ({n_tokens})" if n_tokens is not None else ""
+            raise ValueError(f"k must be between 1{upper}, got {k}" if upper else f"an int k must be >= 1, got {k}")
+        else:
+            out.append(int(k))
+    return tuple(out)
 
 
-@dataclass(frozen=True)
-class IntegratedGradientsOptions:
-    n_steps: int = 50
-    ig_method: str = "gausslegendre"
-    baseline: str = "replacement"
-
-    def __post_init__(self):
-        _normalize(self, "n_steps", check_int("n_steps", self.n_steps, minimum=1))
-        _check_choice("ig_method", self.ig_method, IG_METHODS)
-        _check_choice("baseline", self.baseline, IG_BASELINES)
-        if self.ig_method == "riemann_trapezoid" and self.n_steps < 2:
-            raise ValueError("riemann_trapezoid needs n_steps >= 2")
-
-
-@dataclass(frozen=True)
-class LeaveOneOutOptions:
-    pass
-
-
-@dataclass(frozen=True)
-class SlidingWindowOptions:
-    window_size: int = 3  # checked against each text's length when it runs
-
-    def __post_init__(self):
-        _normalize(self, "window_size", check_int("window_size", self.window_size, minimum=1))
-
-
-@dataclass(frozen=True)
-class LRPOptions:
-    rule: str = "attnlrp"  # "attnlrp" (Achtibat et al. 2024) or "cplrp" (Ali et al. 2022)
-
-    def __post_init__(self):
-        _check_choice("rule", self.rule, LRP_RULES)
-
-
-OPTIONS = {
-    "raw_attention": RawAttentionOptions,
-    "rollout": RolloutOptions,
-    "grad_attention": GradAttentionOptions,
-    "integrated_gradients": IntegratedGradientsOptions,
-    "leave_one_out": LeaveOneOutOptions,
-    "sliding_window": SlidingWindowOptions,
-    "lrp": LRPOptions,
-}
-
-
-def available_methods() -> list[str]:
-    """The method names `Explainer.attribute` accepts."""
-    return list(OPTIONS)
-
-
-def make_options(method: str, **options):
-    """Validate a method name and its keyword options into that method's options dataclass."""
-    if not isinstance(method, str):
-        raise TypeError(f"method must be a str, one of {available_methods()}, got {method!r}")
-    if method not in OPTIONS:
-        raise ValueError(f"unknown method {method!r}; available methods: {available_methods()}")
-    cls = OPTIONS[method]
-    valid = [f.name for f in dataclasses.fields(cls)]
-    unknown = sorted(set(options) - set(valid))
-    if unknown:
-        raise ValueError(f"unknown option(s) {unknown} for method {method!r}; valid options: {valid or 'none'}")
-    return cls(**options)
+def resolve_k(k, n_tokens: int) -> int:
+    """An int k capped at the text's length, or a fraction of its tokens (rounded, at least 1)."""
+    if not isinstance(k, numbers.Integral):
+        return max(1, min(n_tokens, int(math.floor(k * n_tokens + 0.5))))
+    return min(int(k), n_tokens)
 
 
 def check_method_options(methods: list[str], options: dict[str, dict], action: str, name: str = "options") -> None:
     """At least one method, and per-method options (the argument `name`) only for methods in
     `methods`; `action` ("compared", "evaluated") says in the message what is done with them."""
+    from .methods import available_methods
+
     if not methods:
         raise ValueError(f"methods must name at least one of {available_methods()}")
     unknown = sorted(set(options) - set(methods))

@@ -9,7 +9,7 @@ mask broadcastable to (B, 1, S, K) (transformers' 4-D masks: 0 where allowed, a 
 elsewhere) or None; `scaling` the softmax scale (default d^-1/2); `lse` (B, Hq, S) each row's
 log-sum-exp when the attention kernel provides it (flash attention does), else it is computed here in
 a first pass. Returns `fuse_h(softmax(q k^T * scaling + mask))` as (B, S, K) float32, the fusion over
-heads being "mean", "max" or "min" (`engine.reference.fuse_heads`).
+heads being "mean", "max" or "min" (`common.fuse_heads`).
 
 Why: only eager attention returns probabilities, and it writes and re-reads the (B, H, S, K) tensor
 several times per layer. With this, the model runs its fast attention (SDPA, flash) and the maps are
@@ -23,12 +23,9 @@ Bytes and FLOPs on paper for an H100: `benchmarks/README.md`.
 
 from __future__ import annotations
 
-import os
-
 import torch
 
-BACKENDS = ("auto", "torch", "triton")
-FUSIONS = ("mean", "max", "min")
+from .common import HEAD_FUSIONS, block_size, check_head_fusion, choose_backend
 
 
 def _scores(query, key, h: int, group: int, scaling: float, mask):
@@ -67,9 +64,7 @@ def attention_probs_torch(query, key, head_fusion="mean", mask=None, scaling=Non
 def _blocks(seq: int, keys: int, dim: int) -> tuple[int, int, int]:
     import triton
 
-    block_m = min(64, max(16, triton.next_power_of_2(seq)))  # tl.dot needs >= 16
-    block_n = min(64, max(16, triton.next_power_of_2(keys)))
-    return block_m, block_n, max(16, triton.next_power_of_2(dim))
+    return block_size(seq), block_size(keys), max(16, triton.next_power_of_2(dim))
 
 
 def _mask_args(mask, batch: int, seq: int, keys: int, device):
@@ -105,17 +100,14 @@ def attention_probs_triton(query, key, head_fusion="mean", mask=None, scaling=No
     attention_probs_kernel[grid](
         q, k, m, lse, out, seq, keys, dim, heads, group, scaling, *common, lse.stride(0), lse.stride(1),
         out.stride(0), out.stride(1),
-        FUSION=FUSIONS.index(head_fusion), HAS_MASK=has_mask, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
+        FUSION=HEAD_FUSIONS.index(head_fusion), HAS_MASK=has_mask, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
     )  # fmt: skip
     return out
 
 
 def attention_probs(query, key, head_fusion="mean", mask=None, scaling=None, lse=None, backend="auto"):
     """Head-fused attention probabilities (B, S, K); see the module docstring."""
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    if head_fusion not in FUSIONS:
-        raise ValueError(f"head_fusion must be one of {FUSIONS}, got {head_fusion!r}")
+    check_head_fusion(head_fusion)
     if query.dim() != 4 or key.dim() != 4:
         raise ValueError(f"query and key must be (B, H, S, d), got {tuple(query.shape)} and {tuple(key.shape)}")
     batch, heads, seq, dim = query.shape
@@ -128,12 +120,6 @@ def attention_probs(query, key, head_fusion="mean", mask=None, scaling=None, lse
         raise ValueError(f"mask must be broadcastable to (B, 1, {seq}, {key.shape[2]}), got {tuple(mask.shape)}")
     if lse is not None and tuple(lse.shape) != (batch, heads, seq):
         raise ValueError(f"lse must be ({batch}, {heads}, {seq}), got {tuple(lse.shape)}")
-    if backend == "auto":
-        from .rollout import triton_available
-
-        backend = "triton" if query.is_cuda and triton_available() else "torch"
-    if backend == "triton":
-        if not (query.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"):
-            raise ValueError("backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 for the interpreter)")
+    if choose_backend(backend, query) == "triton":
         return attention_probs_triton(query, key, head_fusion, mask, scaling, lse)
     return attention_probs_torch(query, key, head_fusion, mask, scaling, lse)

@@ -10,8 +10,8 @@ block are 0. `rows` (B,): target positions; `rows=None` returns the full (B, S, 
 (B, S): row `rows[b]` of sequence b, computed as the chain of vector-matrix products
 e_t^T A'_L ... A'_1 (O(L S^2) per sequence instead of O(L S^3)).
 
-Semantics are `engine.reference.attention_rollout` (fusion, discard with a row left empty becoming
-e_i, `0.5 A + 0.5 I`). Backends: "torch" (batched bmm; the CPU path and the oracle for the kernels),
+Semantics are the reference's `attention_rollout` (fusion, discard with a row left empty becoming e_i,
+`0.5 A + 0.5 I`, each from `kernels.common`). Backends: "torch" (batched bmm; the CPU path and the oracle for the kernels),
 "triton" (one launch per layer: heads fused while tiles load, discard threshold and row scale applied
 on load, residual added, product accumulated; the fused matrix is never written), and "auto" (Triton
 for CUDA tensors, torch otherwise; `backend="triton"` on CPU tensors needs TRITON_INTERPRET=1).
@@ -24,17 +24,23 @@ matrix), plus the product: B*S*S*S multiply-adds for the full matrix, B*S*S for 
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 
 import torch
 
-BACKENDS = ("auto", "torch", "triton")
+from .common import (
+    RESIDUAL_WEIGHT,
+    block_size,
+    check_head_fusion,
+    choose_backend,
+    discard_low_attention,
+    discard_threshold,
+    fuse_heads,
+    with_residual,
+)
 
 
 def _fuse(attn: torch.Tensor, head_fusion: str, fused: bool) -> torch.Tensor:
-    from engine.reference import fuse_heads
-
     return attn if fused else fuse_heads(attn, head_fusion)
 
 
@@ -47,18 +53,16 @@ def prepare_layer(
     fused: bool = False,
 ) -> torch.Tensor:
     """One layer's A' = 0.5 F + 0.5 I per sequence block, identity outside the block: (B, S, S)."""
-    from engine.reference import discard_low_attention
-
     f = _fuse(attn, head_fusion, fused).float()
     batch, size = f.shape[0], f.shape[-1]
     eye = torch.eye(size, dtype=f.dtype, device=f.device)
     if discard_ratio <= 0:  # no per-block quantile: one vectorized pass
         block = _block_mask(lengths, size, f.device)
-        return torch.where(block, 0.5 * f + 0.5 * eye, eye)
+        return torch.where(block, with_residual(f, eye), eye)
     out = eye.expand(batch, size, size).clone()
     for b, n in enumerate(lengths):
         block = discard_low_attention(f[b, :n, :n], discard_ratio, causal_quantile)
-        out[b, :n, :n] = 0.5 * block + 0.5 * eye[:n, :n]
+        out[b, :n, :n] = with_residual(block, eye[:n, :n])
     return out
 
 
@@ -89,7 +93,7 @@ def _row_chain(attentions, head_fusion, lengths, rows, fused) -> torch.Tensor:
             vf = torch.bmm(per_head, a.float().reshape(batch * heads, size, size)).view(batch, heads, size).mean(1)
         else:
             vf = torch.bmm(v[:, None, :], _fuse(a, head_fusion, False).float())[:, 0]
-        v = (0.5 * vf + 0.5 * v) * inside
+        v = with_residual(vf, v) * inside  # v A' = 0.5 v F + 0.5 v
     return v
 
 
@@ -130,15 +134,13 @@ def _discard_params(fused_layer: torch.Tensor, lengths, discard_ratio: float, ca
     """The discard pre-pass: per sequence the threshold, per row 1 / (kept row sum) and an empty flag.
 
     The kernels apply `F[i, j] * (F[i, j] >= thr) * scale[i]`, and e_i for an empty row, which is
-    `engine.reference.discard_low_attention` (that function stays the one statement of the policy)."""
+    `common.discard_low_attention` (that function stays the one statement of the policy)."""
     batch, size = fused_layer.shape[0], fused_layer.shape[-1]
     thr = torch.full((batch,), float("-inf"), device=fused_layer.device)
     scale = torch.ones(batch, size, device=fused_layer.device)
     empty = torch.zeros(batch, size, dtype=torch.int8, device=fused_layer.device)
     if discard_ratio <= 0:
         return thr, scale, empty
-    from engine.reference import discard_threshold
-
     for b, n in enumerate(lengths):
         f = fused_layer[b, :n, :n].float()
         thr[b] = discard_threshold(f, discard_ratio, causal_quantile)
@@ -146,15 +148,6 @@ def _discard_params(fused_layer: torch.Tensor, lengths, discard_ratio: float, ca
         scale[b, :n] = torch.where(sums > 0, 1.0 / torch.where(sums > 0, sums, 1.0), 0.0)
         empty[b, :n] = (sums == 0).to(torch.int8)
     return thr, scale, empty
-
-
-def _block_sizes(size: int) -> tuple[int, int]:
-    import triton
-
-    if size < 1:
-        raise ValueError(f"sequence length must be >= 1, got {size}")
-    block = min(64, max(16, triton.next_power_of_2(size)))  # tl.dot needs >= 16
-    return block, block
 
 
 _FUSION_CODE = {"mean": 0, "max": 1, "min": 2}
@@ -170,15 +163,13 @@ def rollout_triton(attentions, head_fusion="mean", discard_ratio=0.0, lengths=No
     device = first.device
     lengths_list = [size] * batch if lengths is None else [int(x) for x in lengths]
     lens = torch.tensor(lengths_list, dtype=torch.int32, device=device)
-    block_m, block_k = _block_sizes(size)
+    block_m = block_k = block_size(size)
     fusion = _FUSION_CODE[head_fusion]
     layers = [a.contiguous() for a in attentions]
     params = []
     for a in layers:
         fused = None
         if discard_ratio > 0:  # the quantile needs the fused matrix: a separate pass, as documented
-            from engine.reference import fuse_heads
-
             fused = fuse_heads(a.float(), head_fusion)
         params.append(
             _discard_params(fused if fused is not None else a[:, 0], lengths_list, discard_ratio, causal_quantile)
@@ -245,14 +236,6 @@ def triton_cdiv(a: int, b: int) -> int:
     return (a + b - 1) // b
 
 
-def triton_available() -> bool:
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
 def rollout(
     attentions: Sequence[torch.Tensor],
     head_fusion: str = "mean",
@@ -264,12 +247,7 @@ def rollout(
     fused: bool = False,
 ) -> torch.Tensor:
     """Batched rollout; see the module docstring."""
-    from engine.reference import HEAD_FUSIONS
-
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    if head_fusion not in HEAD_FUSIONS:
-        raise ValueError(f"head_fusion must be one of {HEAD_FUSIONS}, got {head_fusion!r}")
+    check_head_fusion(head_fusion)
     if not 0.0 <= discard_ratio < 1.0:
         raise ValueError(f"discard_ratio must be in [0, 1), got {discard_ratio}")
     if len(attentions) == 0:
@@ -286,15 +264,8 @@ def rollout(
         limits = lengths if lengths is not None else [size] * shape[0]
         if len(rows) != shape[0] or any(not 0 <= int(r) < int(n) for r, n in zip(rows, limits, strict=True)):
             raise ValueError("rows must give one position per sequence, inside its length")
-    if backend == "auto":
-        backend = "triton" if attentions[0].is_cuda and not fused and triton_available() else "torch"
-    on_gpu = attentions[0].is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
-    if backend == "triton":
-        if fused:
-            raise ValueError("the Triton backend fuses heads itself: pass (B, H, S, S) layers, fused=False")
-        if not triton_available():
-            raise ValueError("backend='triton' needs the triton package")
-        if not on_gpu:
-            raise ValueError("backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 for the interpreter)")
+    if backend == "triton" and fused:
+        raise ValueError("the Triton backend fuses heads itself: pass (B, H, S, S) layers, fused=False")
+    if choose_backend(backend, attentions[0], triton_ok=not fused) == "triton":
         return rollout_triton(attentions, head_fusion, discard_ratio, lengths, rows, causal_quantile)
     return rollout_torch(attentions, head_fusion, discard_ratio, lengths, rows, causal_quantile, fused)

@@ -15,7 +15,7 @@ from test_facade import discard_is_well_conditioned
 
 from engine import Explainer
 from engine import reference as ref
-from engine.attention_capture import attention_modules, fused_attention
+from engine.runtime.attention_capture import attention_modules, fused_attention
 
 
 @pytest.mark.parametrize("maps", ["eager", "recompute"])
@@ -61,7 +61,7 @@ def test_only_one_layer_of_probabilities_is_alive(llama):
 
 @pytest.mark.parametrize("maps,inside", [("eager", "eager"), ("recompute", "engine_fused_maps")])
 def test_capture_is_scoped(llama, maps, inside):
-    from engine import attention_capture
+    from engine.runtime import attention_capture
 
     model, tok = llama
     model.set_attn_implementation("sdpa")
@@ -71,7 +71,7 @@ def test_capture_is_scoped(llama, maps, inside):
         raise RuntimeError("boom")
     assert model.config._attn_implementation == "sdpa"
     assert [len(m._forward_hooks) for m, _ in attention_modules(model)] == hooks_before
-    assert not attention_capture._ACTIVE
+    assert not any(hasattr(m, attention_capture._CAPTURE) for m, _ in attention_modules(model))
     with pytest.raises(ValueError, match="maps must be one of"), fused_attention(model, "mean", print, "flash"):
         pass
 

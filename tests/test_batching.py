@@ -213,12 +213,12 @@ def test_bad_budgets(llama):
         with pytest.raises(TypeError, match="must be an int"):
             Explainer(*llama, **kwargs)
     ex = Explainer(*llama, max_batch_tokens=np.int64(64), max_batch_size=np.int32(3))  # numpy ints are ints
-    assert type(ex.runner.max_batch_tokens) is int and ex.runner.max_batch_size == 3
+    assert type(ex.loop.scheduler.max_batch_tokens) is int and ex.loop.scheduler.max_batch_size == 3
 
 
 @pytest.mark.parametrize("family_name", ["llama", "gpt2"])
 def test_packed_clean_caches_equal_one_text_caches(family_name):
-    from engine.forward import clean_cache, packed_clean_caches
+    from engine.runtime.forward import clean_cache, packed_clean_caches
 
     model_fn, tok_fn = FAMILIES[family_name]
     model, tok = model_fn(), tok_fn()

@@ -338,7 +338,7 @@ def test_rationales_without_scikit_learn_fail_before_any_work(llama, monkeypatch
     model, tok = llama
     ex = Explainer(model, tok)
     calls = []
-    monkeypatch.setattr(ex.runner, "run", lambda *a, **k: calls.append(a))
+    monkeypatch.setattr(ex.loop, "submit", lambda *a, **k: calls.append(a))
     for name in ("sklearn", "sklearn.metrics"):
         monkeypatch.setitem(sys.modules, name, None)  # as if scikit-learn were not installed
     with pytest.raises(ImportError, match=r"attribution-engine\[report\]"):

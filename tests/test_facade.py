@@ -43,7 +43,7 @@ def _reference_scores(model, method, tok, text, read_pos, target, **opts):
         regions = ref.sliding_window_occlusion(model, tok, text, opts["window_size"], target_id=target)
         return ref.window_scores_per_token(regions, n)
     if method == "lrp":
-        from engine.reference_lrp import lrp_reference
+        from engine.reference.lrp import lrp_reference
 
         ids = tok(text, return_tensors="pt")["input_ids"]
         return lrp_reference(model, ids, target, opts.get("rule", "attnlrp"), dtype=next(model.parameters()).dtype)[0]

@@ -90,7 +90,7 @@ def test_equals_the_models_output_attentions(family, backend, monkeypatch):
     if backend == "triton" and not INTERPRETED:
         pytest.skip("needs CUDA or TRITON_INTERPRET=1")
     import kernels.attention_probs as module
-    from engine.attention_capture import fused_attention
+    from engine.runtime.attention_capture import fused_attention
 
     name, model, tok = family
     ids = tok("the cat sat on the mat today", return_tensors="pt")["input_ids"]

@@ -15,8 +15,8 @@ import torch
 from conftest import FAMILIES, assert_within_fp32_noise, make_tokenizer, random_texts, tiny_llama
 
 from engine import Explainer
-from engine.lrp import LRP_RULES, check_supported, lrp_rules
-from engine.reference_lrp import lrp_reference
+from engine.methods._lrp_rules import LRP_RULES, check_supported, lrp_rules
+from engine.reference.lrp import lrp_reference
 
 BUDGETS = [(1, 2048), (3, 17), (7, 64), (None, 100_000)]
 LXT_SCRIPT = Path(__file__).parent / "lrp" / "lxt_relevance.py"

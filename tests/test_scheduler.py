@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from engine.scheduler import Scheduler, WorkItem
+from engine.runtime.scheduler import Scheduler, WorkItem
 
 
 def _random_requests(rng: random.Random, n_requests: int):
@@ -140,7 +140,7 @@ def test_bad_use_is_rejected():
 
 
 def test_pack_rows_balances_whole_texts_and_respects_prefix_rooms():
-    from engine.forward import pack_rows
+    from engine.runtime.layout import pack_rows
 
     lengths = [17, 20, 9, 30, 25, 18, 21, 40, 12, 15, 33, 28, 19, 22, 11]
     rows = pack_rows(lengths, list(range(len(lengths))), [0] * len(lengths), capacity=100)
@@ -154,7 +154,7 @@ def test_pack_rows_balances_whole_texts_and_respects_prefix_rooms():
     for row in rows:
         assert sum(lengths[i] for i in row) <= 60 or len(row) == 1
     # the rows are evened out: no more rows than plain first fit, and no wider
-    from engine.forward import _first_fit
+    from engine.runtime.layout import _first_fit
 
     plain = _first_fit(lengths, [i % 4 for i in range(len(lengths))], needs, 60, 60)
     assert len(rows) <= len(plain)

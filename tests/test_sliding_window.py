@@ -16,7 +16,7 @@ from test_facade import METHOD_OPTIONS, _reference_scores
 
 from engine import Explainer, available_methods
 from engine import reference as ref
-from engine.forward import attention_layer_types, packs_rows
+from engine.runtime.forward import attention_layer_types, packs_rows
 
 WINDOW = 3
 OPTIONS = {**METHOD_OPTIONS, "rollout": {"head_fusion": "max", "discard_ratio": 0.0}}  # no step function

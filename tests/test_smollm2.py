@@ -132,7 +132,7 @@ def test_batched_methods_at_odd_budgets_on_smollm2(smollm2, refs):
 
 @pytest.mark.parametrize("rule", ["attnlrp", "cplrp"])
 def test_lrp_equals_explicit_oracle_on_smollm2(smollm2, rule):
-    from engine.reference_lrp import lrp_reference
+    from engine.reference.lrp import lrp_reference
 
     a = smollm2.attribute(EIFFEL, "lrp", rule=rule)
     ids = smollm2.tokenizer(EIFFEL, return_tensors="pt")["input_ids"][0]

@@ -15,7 +15,7 @@ are pushed back through each operation with its rule:
 
 `J_f^T` is applied with a vector-Jacobian product of the (linear) map, which is exactly `W^T`. This is
 slow (Python loops over layers and heads, float64) and is meant for tiny models in tests: the engine's
-one-backward path (`engine.lrp`) must equal it.
+one-backward path (`engine.methods.lrp`) must equal it.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import copy
 
 import torch
 
-from .lrp import LRP_RULES
+from ..methods._lrp_rules import LRP_RULES
 
 
 def _div(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

@@ -21,7 +21,8 @@ import torch
 
 from kernels.common import upcast
 
-from .models import CLASSIFIER
+from ..models import CLASSIFIER
+from .layout import RowLayout, Suffix
 
 
 def blocked_value(dtype: torch.dtype) -> float:
@@ -83,11 +84,7 @@ def _row_masks(model, allowed: torch.Tensor, query_pos: torch.Tensor, key_pos: t
     return masks if len(masks) > 1 else next(iter(masks.values()))
 
 
-def _base_and_head(model):
-    return model.base_model, model.get_output_embeddings()
-
-
-def _head_logits(model, hidden: torch.Tensor) -> torch.Tensor:
+def head_logits(model, hidden: torch.Tensor) -> torch.Tensor:
     """LM-head logits for the given hidden rows, with the final soft-capping some models apply."""
     logits = upcast(model.get_output_embeddings()(hidden))
     cap = getattr(model.config, "final_logit_softcapping", None)
@@ -114,6 +111,15 @@ def score_logits(logits: torch.Tensor, targets: list[int | None], need_prob: boo
     return Scores(logit=logit, prob=prob, argmax=argmax)
 
 
+def read_logits(model, kind: str, inputs: dict, read_pos: int) -> torch.Tensor:
+    """The logits the methods score, (B, outputs): a classifier's class logits, a causal LM's head
+    applied at `read_pos` only (not at every position). The one place the two kinds differ."""
+    if kind == CLASSIFIER:
+        return upcast(model(**inputs).logits)
+    hidden = model.base_model(**inputs, use_cache=False).last_hidden_state[:, read_pos]
+    return head_logits(model, hidden)
+
+
 def full_forward(
     model, kind: str, ids: torch.Tensor, read_pos: int, targets: list, need_prob: bool, zeroed: list | None = None
 ) -> Scores:
@@ -130,118 +136,13 @@ def full_forward(
         for row, positions in enumerate(zeroed):
             mask[row, list(positions)] = True
         inputs = {"inputs_embeds": model.get_input_embeddings()(ids).masked_fill(mask[..., None], 0.0)}
-    if kind == CLASSIFIER:
-        return score_logits(model(**inputs).logits, targets, need_prob)
-    base, _ = _base_and_head(model)
-    hidden = base(**inputs, use_cache=False).last_hidden_state[:, read_pos]
-    return score_logits(_head_logits(model, hidden), targets, need_prob)
+    return score_logits(read_logits(model, kind, inputs, read_pos), targets, need_prob)
 
 
 def clean_cache(model, ids: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Per-layer (keys, values) of one clean text, each (1, kv_heads, n, head_dim)."""
-    base, _ = _base_and_head(model)
-    out = base(input_ids=ids.to(model.device)[None], use_cache=True)
+    out = model.base_model(input_ids=ids.to(model.device)[None], use_cache=True)
     return [(layer.keys, layer.values) for layer in output_cache(out).layers]
-
-
-@dataclass(frozen=True)
-class Suffix:
-    text: int  # which clean cache (index into the `caches` list passed with it)
-    start: int  # first changed position s: positions < s come from the cache
-    ids: tuple[int, ...]  # the perturbed tokens from position s to the end
-
-
-def pack_rows(lengths: list[int], texts: list[int], prefix_lengths: list[int], capacity: int) -> list[list[int]]:
-    """Pack suffixes into rows: item indices per row.
-
-    First-fit over items taken text by text, longest first. A row holds at most `capacity` suffix
-    tokens (or one longer suffix) and the cached prefixes of at most `capacity` tokens of the texts
-    it serves (or one text's), so each row attends to its own texts' prefixes only, not to every
-    text of the batch. `prefix_lengths[i]` is the cached length item i needs (0 for none).
-
-    Rows are padded to the longest, so their lengths are then evened out: the same first fit is
-    retried with a smaller query capacity, down towards total / rows, and the tightest packing that
-    needs no more rows wins (five rows of 256 + 256 + 256 + 256 + 80 become five of ~221).
-    Without prefixes (whole texts: the clean pass, the attention methods) the rows are balanced
-    directly: ceil(total / capacity) rows, each item to the least-filled row, longest first; a row
-    then exceeds `capacity` by less than one item.
-    """
-    if not any(prefix_lengths):
-        n_rows = max(1, -(-sum(lengths) // capacity))
-        balanced: list[list[int]] = [[] for _ in range(n_rows)]
-        loads = [0] * n_rows
-        for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
-            r = loads.index(min(loads))
-            balanced[r].append(i)
-            loads[r] += lengths[i]
-        return [row for row in balanced if row]
-    best = _first_fit(lengths, texts, prefix_lengths, capacity, capacity)
-    width = max(sum(lengths[i] for i in row) for row in best)
-    floor = max(-(-sum(lengths) // len(best)), max(lengths))
-    step = max(1, (width - floor) // 8)
-    for query_capacity in range(floor, width, step):
-        rows = _first_fit(lengths, texts, prefix_lengths, query_capacity, capacity)
-        if len(rows) <= len(best):
-            return rows
-    return best
-
-
-def _first_fit(lengths, texts, prefix_lengths, capacity: int, prefix_capacity: int) -> list[list[int]]:
-    rows: list[list[int]] = []
-    room: list[int] = []
-    prefix_room: list[int] = []
-    row_texts: list[set[int]] = []
-    for i in sorted(range(len(lengths)), key=lambda i: (texts[i], -lengths[i])):
-        need = prefix_lengths[i]
-        for r in range(len(rows)):
-            new_text = need > 0 and texts[i] not in row_texts[r]
-            if lengths[i] <= room[r] and (not new_text or need <= prefix_room[r]):
-                rows[r].append(i)
-                room[r] -= lengths[i]
-                if new_text:
-                    row_texts[r].add(texts[i])
-                    prefix_room[r] -= need
-                break
-        else:
-            rows.append([i])
-            room.append(max(capacity, lengths[i]) - lengths[i])
-            row_texts.append({texts[i]} if need else set())
-            prefix_room.append(max(prefix_capacity, need) - need)
-    return rows
-
-
-@dataclass
-class RowLayout:
-    """How `packed_suffix_forward` lays suffixes out: rows of [cached prefixes | suffixes end to end]."""
-
-    rows: list[list[int]]  # suffix indices per row
-    prefix_offsets: list[dict[int, int]]  # per row: text -> first column of its cached prefix
-    prefix_width: int  # prefix columns (the widest row's cached prefixes)
-    query_width: int  # query columns (the widest row's suffixes)
-
-    @classmethod
-    def of(cls, suffixes: list[Suffix], cached: list[int], capacity: int) -> RowLayout:
-        """`cached[t]`: the cached length of text t (a suffix starting at 0 reads no cache)."""
-        lengths = [len(s.ids) for s in suffixes]
-        needs = [cached[s.text] if s.start > 0 else 0 for s in suffixes]
-        rows = pack_rows(lengths, [s.text for s in suffixes], needs, capacity)
-        offsets = []
-        for row in rows:
-            row_offsets, at = {}, 0
-            for i in row:
-                t = suffixes[i].text
-                if needs[i] and t not in row_offsets:
-                    row_offsets[t] = at
-                    at += cached[t]
-            offsets.append(row_offsets)
-        prefix_width = max((sum(cached[t] for t in offs) for offs in offsets), default=0)
-        query_width = max(sum(lengths[i] for i in row) for row in rows)
-        return cls(rows, offsets, prefix_width, query_width)
-
-    @property
-    def padded_tokens(self) -> int:
-        """Key columns the batch holds per layer: what the token budget bounds."""
-        return len(self.rows) * (self.prefix_width + self.query_width)
 
 
 def packed_clean_caches(model, texts: list[tuple[int, ...]], row_capacity: int) -> list[list]:
@@ -321,9 +222,8 @@ def packed_suffix_forward(
         cache = DynamicCache(ddp_cache_data=layer_kv)
     if layout is not None:  # filled before the forward: hooks running inside it may read it
         layout.extend((r, total + at, at) for r, at in starts)
-    base, _ = _base_and_head(model)
     inputs = {"input_ids": ids.to(device)} if embeds_fn is None else {"inputs_embeds": embeds_fn(ids.to(device))}
-    out = base(
+    out = model.base_model(
         **inputs,
         position_ids=positions.to(device),
         attention_mask={k: m.to(device) for k, m in mask.items()} if isinstance(mask, dict) else mask.to(device),

@@ -24,13 +24,15 @@ from contextlib import contextmanager
 
 import torch
 
-from kernels.common import upcast
+from kernels.common import fuse_heads, upcast
 
-from .models import eager_attention
+from ..models import eager_attention
 
 MAPS = ("eager", "recompute")
 _RECOMPUTE = "engine_fused_maps"
-_ACTIVE: dict[int, tuple] = {}  # id(attention module) -> (layer index, head fusion, sink) while capturing
+# while capturing, each attention module carries (layer index, head fusion, sink) under this attribute:
+# state lives with the module it belongs to (one thread touches a model at a time: `runtime.loop`)
+_CAPTURE = "_engine_fused_capture"
 
 
 def attention_modules(model) -> list[tuple[torch.nn.Module, int]]:
@@ -57,7 +59,7 @@ def _recording_attention(module, query, key, value, attention_mask, *args, **kwa
 
     from kernels.attention_probs import attention_probs
 
-    state = _ACTIVE.get(id(module))
+    state = getattr(module, _CAPTURE, None)
     if state is not None:
         layer, head_fusion, sink = state
         mask = attention_mask
@@ -89,21 +91,20 @@ def _implementation(model, name: str):
 
 @contextmanager
 def fused_attention(model, head_fusion: str, sink, maps: str = "eager"):
-    from .reference import fuse_heads
-
     if maps not in MAPS:
         raise ValueError(f"maps must be one of {list(MAPS)}, got {maps!r}")
     modules = attention_modules(model)
     if maps == "recompute":
         _register_recompute()
         for layer, (module, _) in enumerate(modules):
-            _ACTIVE[id(module)] = (layer, head_fusion, sink)
+            setattr(module, _CAPTURE, (layer, head_fusion, sink))
         try:
             with _implementation(model, _RECOMPUTE):
                 yield len(modules)
         finally:
             for module, _ in modules:
-                _ACTIVE.pop(id(module), None)
+                if hasattr(module, _CAPTURE):
+                    delattr(module, _CAPTURE)
         return
 
     handles = []

@@ -22,23 +22,26 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from kernels.common import upcast
+from kernels.common import (
+    HEAD_FUSIONS,
+    discard_low_attention,
+    discard_threshold,
+    fuse_heads,
+    upcast,
+    with_residual,
+)
 
-from .metrics import min_max_normalize, rank_tokens, spearman, top_k_indices
-from .models import eager_attention, replacement_id
+from ..encoding import encode
+from ..methods.integrated_gradients import IG_BASELINES, IG_METHODS, baseline_embeddings, contributions, ig_steps
+from ..methods.sliding_window import window_scores_per_token
+from ..metrics import comprehensiveness, min_max_normalize, rank_tokens, spearman, sufficiency, top_k_indices
+from ..models import eager_attention, replacement_id
 
-HEAD_FUSIONS = ("mean", "max", "min")
-IG_METHODS = ("gausslegendre", "riemann_left", "riemann_right", "riemann_middle", "riemann_trapezoid")
-IG_BASELINES = ("replacement", "zeros")
+# the primitives (head fusion, discard, residual, IG steps and baseline, window scores, faithfulness
+# ratios) are stated once, in `kernels.common`, `engine.metrics` and the method files, and composed here
 
 
 # --------------------------------------------------------------------------------------------- helpers
-
-
-def encode(tokenizer, text: str) -> tuple[dict, list[str]]:
-    inputs = tokenizer(text, return_tensors="pt")
-    tokens = tokenizer.convert_ids_to_tokens(inputs["input_ids"][0])
-    return dict(inputs), tokens
 
 
 def scored_logits_batch(logits: torch.Tensor) -> torch.Tensor:
@@ -79,48 +82,6 @@ def get_prediction(model, tokenizer, text: str) -> str:
 # ------------------------------------------------------------------------------------ attention rollout
 
 
-def fuse_heads(attn: torch.Tensor, head_fusion: str) -> torch.Tensor:
-    """(..., heads, S, S) -> (..., S, S) by mean, max or min over heads."""
-    if head_fusion == "mean":
-        return attn.mean(dim=-3)
-    if head_fusion == "max":
-        return attn.amax(dim=-3)
-    if head_fusion == "min":
-        return attn.amin(dim=-3)
-    raise ValueError(f"head_fusion must be one of {HEAD_FUSIONS}, got {head_fusion!r}")
-
-
-def discard_threshold(fused: torch.Tensor, discard_ratio: float, causal_quantile: bool = False) -> torch.Tensor:
-    """The `discard_ratio` quantile of an (S, S) fused matrix: over all entries (the seed), or over the
-    lower triangle with the diagonal (`causal_quantile`)."""
-    if causal_quantile:
-        n = fused.shape[-1]
-        rows, cols = torch.tril_indices(n, n, device=fused.device)
-        return fused[rows, cols].quantile(discard_ratio)
-    return fused.flatten().quantile(discard_ratio)
-
-
-def discard_low_attention(fused: torch.Tensor, discard_ratio: float, causal_quantile: bool = False) -> torch.Tensor:
-    """Zero the entries below the `discard_ratio` quantile of `fused` (S, S), then renormalize rows.
-
-    As in the seed, the quantile is taken over the whole flattened matrix; on a causal model that
-    includes the zero upper triangle, so ratios below about 0.5 discard nothing.
-    `causal_quantile=True` takes it over the lower triangle (diagonal included) instead.
-    A row left with no mass (every entry below the threshold) would divide by zero in the seed and
-    turn the whole rollout into NaN at the next product; here that token keeps only itself: its row
-    becomes the unit row e_i.
-    """
-    if discard_ratio <= 0:
-        return fused
-    n = fused.shape[-1]
-    threshold = discard_threshold(fused, discard_ratio, causal_quantile)
-    kept = fused * (fused >= threshold)
-    row_sums = kept.sum(dim=-1, keepdim=True)
-    eye = torch.eye(n, dtype=fused.dtype, device=fused.device)
-    empty = row_sums == 0
-    return torch.where(empty, eye, kept / torch.where(empty, torch.ones_like(row_sums), row_sums))
-
-
 def attention_rollout(
     attentions,
     head_fusion: str = "mean",
@@ -139,7 +100,7 @@ def attention_rollout(
     for layer_attn in attentions:
         fused = fuse_heads(layer_attn.squeeze(0), head_fusion)
         fused = discard_low_attention(fused, discard_ratio, causal_quantile)
-        rollout = (0.5 * fused + 0.5 * eye) @ rollout
+        rollout = with_residual(fused, eye) @ rollout
     return rollout
 
 
@@ -250,63 +211,6 @@ def sliding_window_occlusion(model, tokenizer, text: str, window_size: int = 3, 
     return regions
 
 
-def window_scores_per_token(regions: list[dict], seq_len: int) -> np.ndarray:
-    """Per-token vector from window impacts: the mean impact of the windows covering each token.
-
-    This is Captum `Occlusion` with stride 1: every window adds its impact to each token it covers,
-    then each token is divided by the number of windows covering it.
-    """
-    total = np.zeros(seq_len)
-    count = np.zeros(seq_len)
-    for r in regions:
-        total[r["start"] : r["end"]] += r["impact"]
-        count[r["start"] : r["end"]] += 1
-    return total / np.maximum(count, 1)
-
-
-# --------------------------------------------------------------------------------- integrated gradients
-
-
-def ig_steps(n_steps: int, method: str = "gausslegendre") -> tuple[list[float], list[float]]:
-    """(alphas, weights) of Captum's step rules, so results can be checked against Captum.
-
-    gausslegendre: Gauss-Legendre nodes and weights mapped from [-1, 1] to [0, 1];
-    riemann_left/right/middle: n equal steps of 1/n at the left ends, right ends or midpoints;
-    riemann_trapezoid: n points from 0 to 1, the two end weights halved (needs n > 1).
-    """
-    if method == "gausslegendre":
-        nodes, weights = np.polynomial.legendre.leggauss(n_steps)
-        return (0.5 * (1 + nodes)).tolist(), (0.5 * weights).tolist()
-    if method not in IG_METHODS:
-        raise ValueError(f"ig_method must be one of {IG_METHODS}, got {method!r}")
-    if n_steps < 2:
-        raise ValueError(f"{method} needs n_steps >= 2, got {n_steps}")
-    n = n_steps
-    deltas = [1 / n] * n
-    if method == "riemann_trapezoid":
-        deltas[0] /= 2
-        deltas[-1] /= 2
-        alphas = torch.linspace(0, 1, n)
-    elif method == "riemann_left":
-        alphas = torch.linspace(0, 1 - 1 / n, n)
-    elif method == "riemann_middle":
-        alphas = torch.linspace(1 / (2 * n), 1 - 1 / (2 * n), n)
-    else:  # riemann_right
-        alphas = torch.linspace(1 / n, 1, n)
-    return alphas.tolist(), deltas
-
-
-def ig_baseline_embeddings(model, tokenizer, ids: torch.Tensor, baseline: str) -> torch.Tensor:
-    """The IG baseline in embedding space: the replacement token's embedding at every position
-    (as Captum's LayerIntegratedGradients with those ids as baselines), or all zeros."""
-    embed = model.get_input_embeddings()
-    if baseline == "replacement":
-        return embed(torch.full_like(ids, replacement_id(tokenizer)))
-    if baseline == "zeros":
-        return torch.zeros_like(embed(ids))
-    raise ValueError(f"baseline must be one of {IG_BASELINES}, got {baseline!r}")
-
-
 def integrated_gradients(
     model,
     tokenizer,
@@ -327,7 +231,7 @@ def integrated_gradients(
     alphas, weights = ig_steps(n_steps, method)
     with torch.no_grad():
         x = model.get_input_embeddings()(ids)
-        base = ig_baseline_embeddings(model, tokenizer, ids, baseline)
+        base = baseline_embeddings(model, ids, baseline, replacement_id(tokenizer))
         f_x = upcast(scored_logits(model(inputs_embeds=x).logits))
         predicted_id = _predicted(f_x, target_id)
         f_base = upcast(scored_logits(model(inputs_embeds=base).logits))[predicted_id].item()
@@ -338,7 +242,7 @@ def integrated_gradients(
             out = scored_logits(model(inputs_embeds=point).logits)[predicted_id]
             (grad,) = torch.autograd.grad(out, point)
         total += weight * upcast(grad)
-    scores = (upcast(x - base) * total).sum(dim=-1)[0].cpu().numpy()
+    scores = contributions(total, x, base)[0].cpu().numpy()
     gap = float(scores.sum() - (f_x[predicted_id].item() - f_base))
     return scores.astype(np.float64), tokens, gap
 
@@ -372,8 +276,8 @@ def evaluate_faithfulness(model, tokenizer, text: str, attributions, k_values=(1
         comp[0, top_k] = fill
         comp_prob = torch.softmax(_forward_ids(model, comp), -1)[predicted_id].item()
         results[f"k={k}"] = {
-            "sufficiency": suf_prob / baseline_prob,
-            "comprehensiveness": 1 - comp_prob / baseline_prob,
+            "sufficiency": sufficiency(suf_prob, baseline_prob),
+            "comprehensiveness": comprehensiveness(comp_prob, baseline_prob),
         }
     return results
 
