@@ -14,15 +14,22 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 
-from engine import Explainer, methods
+from engine import Explainer
+from engine.methods import lrp
+from engine.methods._text_batches import text_work
 
 ROUNDS = 3  # each round is a few seconds: report the median of three
-LXT_SCRIPT = Path(__file__).resolve().parents[1] / "tests" / "lrp" / "lxt_relevance.py"
+LXT_SCRIPT = Path(__file__).resolve().parents[1] / "tests" / "methods" / "lrp" / "lxt_relevance.py"
+
+
+@dataclass(frozen=True)
+class _Rule:
+    rule: str | None  # None: no rules (accepted by `lrp_rules`, not by the options), the floor
 
 
 @pytest.fixture(scope="module")
@@ -35,12 +42,12 @@ def engine(smollm2):
 
 @pytest.mark.parametrize("rule", [None, "attnlrp", "cplrp"], ids=["floor-grad-x-input", "attnlrp", "cplrp"])
 def test_lrp_engine(benchmark, engine, prompts, rule):
-    """The runner alone on prepared texts: the rules' cost over the same forward+backward batches."""
+    """The loop alone on prepared texts: the rules' cost over the same forward+backward batches."""
     benchmark.group = "lrp"
     benchmark.name = f"engine {rule or 'floor: plain gradient x input'}"
     prepared = [engine._prepare(i, p, None) for i, p in enumerate(prompts)]
-    # rule=None is accepted by `engine.lrp.relevance` (not by the options): no rules, the floor
-    benchmark.pedantic(lambda: methods.run_lrp(engine, prepared, SimpleNamespace(rule=rule)), rounds=ROUNDS)
+    work = [text_work(engine.context, p, lrp.run_batch, _Rule(rule)) for p in prepared]
+    benchmark.pedantic(lambda: engine.loop.run(work), rounds=ROUNDS)
 
 
 def test_lrp_engine_attribute(benchmark, engine, prompts):

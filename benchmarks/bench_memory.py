@@ -40,7 +40,8 @@ sys.path.insert(0, sys.argv[2])
 import torch
 torch.set_num_threads(2)
 from prompts import PROMPTS
-from engine import Explainer, batching
+from engine import Explainer
+from engine.runtime.runner import ModelRunner
 
 def rss():
     with open("/proc/self/statm") as f:
@@ -52,16 +53,16 @@ ex = Explainer.from_pretrained("smollm2", progress=False)
 ex.attribute(PROMPTS, "leave_one_out")  # warm-up over the whole set: every batch shape it produces
 before, peak, done = rss(), [0], [False]
 batch_peak, batch_start, overall = [0], [0], [0]  # the most one batch adds; RSS between batches; peak
-execute = batching.BatchRunner.execute
-def timed_execute(self, batch):
+execute = ModelRunner.execute
+def timed_execute(self, batch, caches):
     start_rss = rss()
     batch_start[0] = max(batch_start[0], start_rss)
     overall[0] = max(overall[0], peak[0])
     peak[0] = start_rss  # the sampler now follows this batch
-    out = execute(self, batch)
+    out = execute(self, batch, caches)
     batch_peak[0] = max(batch_peak[0], peak[0] - start_rss)
     return out
-batching.BatchRunner.execute = timed_execute
+ModelRunner.execute = timed_execute
 def sample():
     while not done[0]:
         peak[0] = max(peak[0], rss())

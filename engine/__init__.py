@@ -12,8 +12,8 @@ from ._kernels_check import check_kernels_package
 check_kernels_package()  # before anything imports `kernels`: a clash gets a clear error, not a wrong module
 
 from .explainer import Explainer  # noqa: E402
-from .models import DEFAULT_MODEL, load_model  # noqa: E402
 from .methods import available_methods  # noqa: E402
+from .models import DEFAULT_MODEL, load_model  # noqa: E402
 from .results import Attribution, AttributionFailure, Comparison, NonFiniteOutputError  # noqa: E402
 
 __all__ = [

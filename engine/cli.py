@@ -16,8 +16,8 @@ import sys
 import numpy as np
 
 from .display import display_token, display_tokens
-from .models import CLASSIFIER, DEFAULT_MODEL
 from .methods import available_methods
+from .models import CLASSIFIER, DEFAULT_MODEL
 
 BAR_WIDTH = 30
 

@@ -90,7 +90,7 @@ def block_size(n: int) -> int:
 
 
 def choose_backend(backend: str, tensor: torch.Tensor, triton_ok: bool = True) -> str:
-    """"auto" -> Triton for CUDA tensors (where `triton_ok` and triton is installed), torch otherwise;
+    """ "auto" -> Triton for CUDA tensors (where `triton_ok` and triton is installed), torch otherwise;
     an explicit "triton" needs triton and CUDA tensors (or TRITON_INTERPRET=1, the interpreter)."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {list(BACKENDS)}, got {backend!r}")

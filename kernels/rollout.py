@@ -11,9 +11,9 @@ block are 0. `rows` (B,): target positions; `rows=None` returns the full (B, S, 
 e_t^T A'_L ... A'_1 (O(L S^2) per sequence instead of O(L S^3)).
 
 Semantics are the reference's `attention_rollout` (fusion, discard with a row left empty becoming e_i,
-`0.5 A + 0.5 I`, each from `kernels.common`). Backends: "torch" (batched bmm; the CPU path and the oracle for the kernels),
-"triton" (one launch per layer: heads fused while tiles load, discard threshold and row scale applied
-on load, residual added, product accumulated; the fused matrix is never written), and "auto" (Triton
+`0.5 A + 0.5 I`, each from `kernels.common`). Backends: "torch" (batched bmm; the CPU path and the
+oracle for the kernels), "triton" (one launch per layer: heads fused while tiles load, discard
+threshold and row scale applied on load, residual added, product accumulated; the fused matrix is never written), and "auto" (Triton
 for CUDA tensors, torch otherwise; `backend="triton"` on CPU tensors needs TRITON_INTERPRET=1).
 `discard_ratio > 0` needs each matrix's quantile first: a torch pre-pass computes thresholds and
 row scales (`_discard_params`).
@@ -29,13 +29,13 @@ from collections.abc import Sequence
 import torch
 
 from .common import (
-    RESIDUAL_WEIGHT,
     block_size,
     check_head_fusion,
     choose_backend,
     discard_low_attention,
     discard_threshold,
     fuse_heads,
+    upcast,
     with_residual,
 )
 
@@ -53,7 +53,7 @@ def prepare_layer(
     fused: bool = False,
 ) -> torch.Tensor:
     """One layer's A' = 0.5 F + 0.5 I per sequence block, identity outside the block: (B, S, S)."""
-    f = _fuse(attn, head_fusion, fused).float()
+    f = upcast(_fuse(attn, head_fusion, fused))
     batch, size = f.shape[0], f.shape[-1]
     eye = torch.eye(size, dtype=f.dtype, device=f.device)
     if discard_ratio <= 0:  # no per-block quantile: one vectorized pass
@@ -82,17 +82,18 @@ def _row_chain(attentions, head_fusion, lengths, rows, fused) -> torch.Tensor:
     (B, H, S, S) tensor is read once and no fused matrix is written at all."""
     first = attentions[0]
     batch, size = first.shape[0], first.shape[-1]
-    inside = _inside(lengths, size, first.device).float()
-    v = torch.nn.functional.one_hot(torch.as_tensor(rows, device=first.device).long(), size).float()
+    dtype = upcast(first).dtype
+    inside = _inside(lengths, size, first.device).to(dtype)
+    v = torch.nn.functional.one_hot(torch.as_tensor(rows, device=first.device).long(), size).to(dtype)
     for a in reversed(attentions):
         if fused:
-            vf = torch.bmm(v[:, None, :], a.float())[:, 0]
+            vf = torch.bmm(v[:, None, :], upcast(a))[:, 0]
         elif head_fusion == "mean":  # one matrix-vector product per (sequence, head), no copy of `a`
             heads = a.shape[1]
             per_head = v[:, None, None, :].expand(batch, heads, 1, size).reshape(batch * heads, 1, size)
-            vf = torch.bmm(per_head, a.float().reshape(batch * heads, size, size)).view(batch, heads, size).mean(1)
+            vf = torch.bmm(per_head, upcast(a).reshape(batch * heads, size, size)).view(batch, heads, size).mean(1)
         else:
-            vf = torch.bmm(v[:, None, :], _fuse(a, head_fusion, False).float())[:, 0]
+            vf = torch.bmm(v[:, None, :], upcast(_fuse(a, head_fusion, False)))[:, 0]
         v = with_residual(vf, v) * inside  # v A' = 0.5 v F + 0.5 v
     return v
 
@@ -116,12 +117,12 @@ def rollout_torch(
     for b, n in enumerate(lengths):
         inside[b, :n] = True
     if rows is None:
-        result = torch.eye(size, dtype=torch.float32, device=first.device).expand(batch, size, size).clone()
+        result = torch.eye(size, dtype=layers[0].dtype, device=first.device).expand(batch, size, size).clone()
         for a in layers:
             result = torch.bmm(a, result)
         return result * (inside[:, :, None] & inside[:, None, :])
     rows = torch.as_tensor(rows, device=first.device).long()
-    v = torch.nn.functional.one_hot(rows, size).float()[:, None, :]  # (B, 1, S)
+    v = torch.nn.functional.one_hot(rows, size).to(layers[0].dtype)[:, None, :]  # (B, 1, S)
     for a in reversed(layers):  # e_t^T A'_L ... A'_1
         v = torch.bmm(v, a)
     return v[:, 0] * inside

@@ -306,3 +306,49 @@ def assert_matches_reference(actual, refs: References, fn, *args, what: str = ""
 def faithfulness_values(result: dict) -> list[float]:
     """A faithfulness dict ({"k=1": {"sufficiency": .., "comprehensiveness": ..}, ...}) as a flat list."""
     return [result[k][m] for k in sorted(result) for m in ("sufficiency", "comprehensiveness")]
+
+
+# ------------------------------------------------------------------------------ methods vs references
+
+
+# (max_batch_size, max_batch_tokens, row_capacity): budgets that do not divide the work
+BUDGETS = [(1, 2048, 256), (3, 17, 5), (7, 64, 8), (None, 100_000, 256)]
+
+# non-default options the facade-vs-reference tests run each method with (others run with defaults)
+METHOD_OPTIONS = {
+    "raw_attention": {"layer": 0},
+    "rollout": {"head_fusion": "max", "discard_ratio": 0.5},
+    "integrated_gradients": {"n_steps": 6},
+    "sliding_window": {"window_size": 2},
+    "lrp": {"rule": "cplrp"},
+}
+
+
+def reference_scores(model, method, tok, text, read_pos, target, **opts):
+    """What a registered method must return for one text, straight from its reference (on `model`,
+    float32 or its float64 copy), explaining `target` (`engine.methods` registry)."""
+    from engine import methods
+
+    spec = methods.get(method)
+    return spec.reference(
+        model, tok, text, target_id=target, read_pos=read_pos, options=methods.make_options(method, **opts)
+    )
+
+
+def discard_is_well_conditioned(model64, tok, text, head_fusion, ratio, margin=1e-5) -> bool:
+    """Whether every layer's discard threshold is at least `margin` (relative) away from the fused
+    entries it separates. The discard is a step function of the maps: where an entry sits within float32
+    rounding of the quantile, any float32 run (the reference's own included) may keep or drop it, and
+    the rollout jumps; such texts say nothing about the engine. `margin`: ~100x the entries' float32
+    rounding."""
+    from engine import reference as ref
+
+    attentions, _ = ref._attentions(model64, tok, text)
+    for a in attentions:
+        fused = ref.fuse_heads(a[0], head_fusion)
+        threshold = ref.discard_threshold(fused, ratio)
+        gaps = (fused - threshold).abs()
+        gaps = gaps[gaps > 0]  # an entry equal to the threshold is kept by every run (it *is* the quantile)
+        if gaps.numel() and gaps.min() < margin * fused.abs().max():
+            return False
+    return True

@@ -23,4 +23,6 @@ print("ok", len(available_methods()))
 def test_import_without_triton_and_cuda():
     out = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
-    assert out.stdout.strip() == "ok 7"
+    from engine import available_methods
+
+    assert out.stdout.strip() == f"ok {len(available_methods())}"  # every registered method, found without triton

@@ -96,4 +96,7 @@ class Agreement:
 
     def means(self) -> dict[str, np.ndarray]:
         with np.errstate(invalid="ignore", divide="ignore"):
-            return {name: np.where(self._counts[name] > 0, self._sums[name] / self._counts[name], np.nan) for name in AGREEMENTS}
+            return {
+                name: np.where(self._counts[name] > 0, self._sums[name] / self._counts[name], np.nan)
+                for name in AGREEMENTS
+            }

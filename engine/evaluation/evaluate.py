@@ -180,9 +180,7 @@ def evaluate(
 
     def finish(i, text_plan, outputs):
         done = {m: attributed[m][i] for m in methods if attributed[m][i]}
-        records, rows = score_text(
-            text_plan, outputs, done, k_labels, curves, rationale_masks.get(i), plausibility_k
-        )
+        records, rows = score_text(text_plan, outputs, done, k_labels, curves, rationale_masks.get(i), plausibility_k)
         for record in records:
             means.add(record)
         per_text.extend(records)

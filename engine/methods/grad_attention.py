@@ -14,7 +14,15 @@ from ..runtime.attention_capture import attention_modules
 from ..runtime.runner import frozen_weights
 from . import register
 from ._base import Method
-from ._text_batches import clean_forward, embeds_requiring_grad, only_output, score, scored_fields, text_block, text_work
+from ._text_batches import (
+    clean_forward,
+    embeds_requiring_grad,
+    only_output,
+    score,
+    scored_fields,
+    text_block,
+    text_work,
+)
 
 
 @dataclass(frozen=True)

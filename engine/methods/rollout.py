@@ -46,7 +46,8 @@ def run_batch(ctx, inputs) -> list[dict]:
     # texts of different lengths, padded into one (B, S, S) per layer: `lengths` keeps each to its block
     stacked = []
     for layer in range(len(per_text[0])):
-        fused = torch.zeros(len(batch), size, size, device=per_text[0][0].device)
+        first = per_text[0][0]
+        fused = torch.zeros(len(batch), size, size, dtype=first.dtype, device=first.device)
         for b, blocks in enumerate(per_text):
             fused[b, : lengths[b], : lengths[b]] = blocks[layer]
         stacked.append(fused)
@@ -59,7 +60,11 @@ def run_batch(ctx, inputs) -> list[dict]:
     if opts.full_matrix:
         matrix = rollout(stacked, **kwargs).cpu().numpy()
         return [
-            {"scores": matrix[b, p.read_pos, : lengths[b]], "matrix": matrix[b, : lengths[b], : lengths[b]], **scored[b]}
+            {
+                "scores": matrix[b, p.read_pos, : lengths[b]],
+                "matrix": matrix[b, : lengths[b], : lengths[b]],
+                **scored[b],
+            }
             for b, p in enumerate(batch)
         ]
     rows = rollout(stacked, rows=[p.read_pos for p in batch], **kwargs).cpu().numpy()

@@ -21,14 +21,18 @@ from __future__ import annotations
 
 import itertools
 import threading
+import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout  # the builtin TimeoutError from 3.11 on
 
 from .caches import PrefixCaches
 from .runner import ModelRunner
 from .scheduler import Scheduler
 from .types import Batch, Work, WorkItem
+
+_WAIT_SLICE_S = 0.1
 
 
 class EngineLoop:
@@ -61,9 +65,7 @@ class EngineLoop:
 
     # ------------------------------------------------------------------------------------ callers
 
-    def submit(
-        self, work: Sequence[Work], on_progress: Callable[[int], None] | None = None, owner=None
-    ) -> Future:
+    def submit(self, work: Sequence[Work], on_progress: Callable[[int], None] | None = None, owner=None) -> Future:
         """Queue one request; its future's result is the outputs, one per `Work`, in order.
         `on_progress(n)` is called (on the loop's thread) as n more of its items complete; `owner`
         groups the requests of one caller under one share of each batch (`Scheduler`)."""
@@ -82,7 +84,9 @@ class EngineLoop:
                 self._progress[request] = on_progress
             if self.background:
                 if self._worker is None:
-                    self._worker = threading.Thread(target=self._work, name="engine-loop", daemon=True)
+                    # not a daemon: the interpreter joins it at exit (it exits `idle_s` after its last batch);
+                    # a daemon thread still inside torch at shutdown aborts the process
+                    self._worker = threading.Thread(target=self._work, name="engine-loop", daemon=False)
                     self._worker.start()
                 self._wake.notify()
         return future
@@ -103,12 +107,20 @@ class EngineLoop:
     def result(self, future: Future, timeout: float | None = None) -> list:
         """The future's outputs; stepping the loop where no worker does. Interrupted (KeyboardInterrupt,
         timeout, any error), the request is cancelled before the exception propagates."""
+        deadline = None if timeout is None else time.monotonic() + timeout
         try:
             if not self.background:
                 while not future.done():
                     if not self.step():
                         raise RuntimeError("the loop is idle but the request is not done")
-            return future.result(timeout)
+            while True:
+                # waits in slices, so a KeyboardInterrupt reaches a waiting main thread within 0.1 s
+                left = None if deadline is None else deadline - time.monotonic()
+                try:
+                    return future.result(_WAIT_SLICE_S if left is None else max(0.0, min(left, _WAIT_SLICE_S)))
+                except FutureTimeout:
+                    if left is not None and left <= _WAIT_SLICE_S:
+                        raise
         except BaseException:
             self.cancel(future)
             raise
@@ -116,6 +128,16 @@ class EngineLoop:
     def run(self, work: Sequence[Work], on_progress=None, timeout: float | None = None) -> list:
         """`submit`, then wait for the result (cancelled if the wait is interrupted)."""
         return self.result(self.submit(work, on_progress), timeout)
+
+    def wait_idle(self, timeout: float = 60.0) -> bool:
+        """Wait until nothing is queued and no batch runs (False after `timeout` seconds)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with self._step_lock, self._lock:
+                if not self.scheduler.has_work():
+                    return True
+            time.sleep(0.005)
+        return False
 
     def pending(self) -> int:
         """Requests submitted and not yet finished, failed or cancelled."""

@@ -27,7 +27,7 @@ from .caches import PrefixCaches
 from .context import ModelContext
 from .forward import full_forward, head_logits, packed_suffix_forward, score_logits
 from .layout import batch_cost, suffixes_over_caches, whole_texts
-from .types import Batch, FullPayload, ForwardOutput, SuffixPayload
+from .types import Batch, ForwardOutput, FullPayload, SuffixPayload
 
 
 @contextlib.contextmanager

@@ -11,8 +11,15 @@ import types
 import numpy as np
 import pytest
 import torch
-from conftest import VOCAB_SIZE, References, assert_within_fp32_noise, make_tokenizer, random_texts
-from test_facade import METHOD_OPTIONS, _reference_scores
+from conftest import (
+    METHOD_OPTIONS,
+    VOCAB_SIZE,
+    References,
+    assert_within_fp32_noise,
+    make_tokenizer,
+    random_texts,
+    reference_scores,
+)
 
 from engine import Explainer, available_methods
 from engine import reference as ref
@@ -99,7 +106,7 @@ def test_methods_equal_the_reference(windowed, method, prefix_reuse):
         return
     texts = random_texts(5, 5, 14)
     random.shuffle(texts)
-    opts = OPTIONS[method]
+    opts = OPTIONS.get(method, {})
     exact, fp32 = {}, {}
     for budget in (37, 4096):
         ex = Explainer(model, tok, max_batch_tokens=budget, prefix_reuse=prefix_reuse, row_capacity=20)
@@ -108,7 +115,7 @@ def test_methods_equal_the_reference(windowed, method, prefix_reuse):
         for text, a in zip(texts, ex.attribute(texts, method, **opts), strict=True):
             if text not in exact:
                 exact[text], fp32[text] = refs(
-                    _reference_scores, method, tok=tok, text=text, read_pos=-1, target=a.target_id, **opts
+                    reference_scores, method, tok=tok, text=text, read_pos=-1, target=a.target_id, **opts
                 )
             got.append(a.scores), want.append(exact[text]), noise.append(fp32[text])
         assert_within_fp32_noise(got, want, noise, what=f"{name} {method} budget {budget}")

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import (
+    BUDGETS,
     FAMILIES,
     References,
     assert_matches_reference,
@@ -23,8 +24,6 @@ from conftest import (
 from engine import Explainer
 from engine import reference as ref
 
-# (max_batch_size, max_batch_tokens, row_capacity): budgets that do not divide the work
-BUDGETS = [(1, 2048, 256), (3, 17, 5), (7, 64, 8), (None, 100_000, 256)]
 BATCHED = {
     "leave_one_out": {},
     "sliding_window": {"window_size": 2},

@@ -1,7 +1,7 @@
 """Relevance of LXT 2.1's efficient AttnLRP / CP-LRP, one text at a time (LXT's usage), as JSON on stdout.
 
 Run in its own process: LXT patches `transformers` module globals. Usage:
-    python tests/lrp/lxt_relevance.py RULE MODEL TEXT [TEXT ...]
+    python tests/methods/lrp/lxt_relevance.py RULE MODEL TEXT [TEXT ...]
 MODEL: an int (the seed of the tiny test Llama) or "smollm2". The JSON holds each text's target and
 relevance and `seconds`: the loop over the texts, timed after one warm-up text (for the benchmark).
 
@@ -20,7 +20,7 @@ import time
 import types
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import torch  # noqa: E402
 

@@ -7,8 +7,16 @@ import random
 import numpy as np
 import pytest
 import torch
-from conftest import References, assert_within_fp32_noise, make_tokenizer, random_texts, tiny_gpt2, tiny_llama
-from test_facade import METHOD_OPTIONS, _reference_scores
+from conftest import (
+    METHOD_OPTIONS,
+    References,
+    assert_within_fp32_noise,
+    make_tokenizer,
+    random_texts,
+    reference_scores,
+    tiny_gpt2,
+    tiny_llama,
+)
 
 from engine import AttributionFailure, Explainer, NonFiniteOutputError, available_methods
 
@@ -40,11 +48,11 @@ def test_a_nan_text_fails_alone_and_its_neighbours_equal_the_reference(poisoned,
     bad = ["the big " + POISON + " was green", POISON + " and sky"]
     texts = clean + bad
     random.shuffle(texts)
-    opts = OPTIONS[method]
+    opts = OPTIONS.get(method, {})
     exact, fp32 = [], []
     for text in clean:  # a clean text never reads the NaN row, so the references on it are clean
         target = Explainer(model, tok).attribute(text, method, **opts).target_id
-        e, r = refs(_reference_scores, method, tok=tok, text=text, read_pos=-1, target=target, **opts)
+        e, r = refs(reference_scores, method, tok=tok, text=text, read_pos=-1, target=target, **opts)
         exact.append(e), fp32.append(r)
     for budget in BUDGETS:
         ex = Explainer(model, tok, max_batch_tokens=budget, max_batch_size=None if budget > 1 else 1)
@@ -77,10 +85,10 @@ def test_nan_weights_fail_every_text_with_a_clear_error(method):
     with torch.no_grad():
         model.model.norm.weight[0] = float("nan")  # every logit NaN, for every text
     ex = Explainer(model, tok)
-    results = ex.attribute(["the cat sat on", "a dog ran"], method, **OPTIONS[method])
+    results = ex.attribute(["the cat sat on", "a dog ran"], method, **OPTIONS.get(method, {}))
     assert all(isinstance(r, AttributionFailure) and isinstance(r.error, NonFiniteOutputError) for r in results)
     with pytest.raises(NonFiniteOutputError, match="non-finite logits at the read position"):
-        ex.attribute("the cat sat on", method, **OPTIONS[method])
+        ex.attribute("the cat sat on", method, **OPTIONS.get(method, {}))
 
 
 def test_infinite_logits_are_a_clear_error():

@@ -8,13 +8,17 @@ import numpy as np
 import pytest
 import torch
 from conftest import (
+    BUDGETS,
+    METHOD_OPTIONS,
     References,
     assert_close,
     assert_matches_reference,
     assert_within_fp32_noise,
+    discard_is_well_conditioned,
     faithfulness_values,
     make_tokenizer,
     random_texts,
+    reference_scores,
     tiny_bert,
     tiny_llama,
 )
@@ -23,69 +27,18 @@ from engine import Attribution, AttributionFailure, Explainer, available_methods
 from engine import reference as ref
 
 
-def _reference_scores(model, method, tok, text, read_pos, target, **opts):
-    """What each method must return for one text, straight from the reference (on `model`, float32 or
-    its float64 copy), explaining `target`."""
-    if method == "raw_attention":
-        return ref.extract_raw_attention(model, tok, text, opts.get("layer", -1), read_pos)
-    if method == "rollout":
-        return ref.compute_rollout(
-            model, tok, text, opts.get("head_fusion", "mean"), opts.get("discard_ratio", 0.0), read_pos=read_pos
-        )
-    if method == "grad_attention":
-        return ref.gradient_weighted_attention(model, tok, text, read_pos, target_id=target)[0][read_pos]
-    if method == "integrated_gradients":
-        return ref.integrated_gradients(model, tok, text, opts.get("n_steps", 50), target_id=target)[0]
-    if method == "leave_one_out":
-        return ref.leave_one_out_attribution(model, tok, text, target_id=target)[0]
-    if method == "sliding_window":
-        n = len(tok(text)["input_ids"])
-        regions = ref.sliding_window_occlusion(model, tok, text, opts["window_size"], target_id=target)
-        return ref.window_scores_per_token(regions, n)
-    if method == "lrp":
-        from engine.reference.lrp import lrp_reference
-
-        ids = tok(text, return_tensors="pt")["input_ids"]
-        return lrp_reference(model, ids, target, opts.get("rule", "attnlrp"), dtype=next(model.parameters()).dtype)[0]
-    raise AssertionError(method)
-
-
-METHOD_OPTIONS = {
-    "raw_attention": {"layer": 0},
-    "rollout": {"head_fusion": "max", "discard_ratio": 0.5},
-    "grad_attention": {},
-    "integrated_gradients": {"n_steps": 6},
-    "leave_one_out": {},
-    "sliding_window": {"window_size": 2},
-    "lrp": {"rule": "cplrp"},
-}
-
-
-def discard_is_well_conditioned(model64, tok, text, head_fusion, ratio, margin=1e-5) -> bool:
-    """Whether every layer's discard threshold is at least `margin` (relative) away from the fused
-    entries it separates. The discard is a step function of the maps: where an entry sits within float32
-    rounding of the quantile, any float32 run (the reference's own included) may keep or drop it, and
-    the rollout jumps; such texts say nothing about the engine. `margin`: ~100x the entries' float32
-    rounding."""
-    attentions, _ = ref._attentions(model64, tok, text)
-    for a in attentions:
-        fused = ref.fuse_heads(a[0], head_fusion)
-        threshold = ref.discard_threshold(fused, ratio)
-        gaps = (fused - threshold).abs()
-        gaps = gaps[gaps > 0]  # an entry equal to the threshold is kept by every run (it *is* the quantile)
-        if gaps.numel() and gaps.min() < margin * fused.abs().max():
-            return False
-    return True
-
-
 @pytest.mark.parametrize("method", available_methods())
-def test_facade_equals_reference_on_random_texts(family, method):
+@pytest.mark.parametrize("budget", BUDGETS, ids=lambda b: f"size{b[0]}-tokens{b[1]}-row{b[2]}")
+def test_facade_equals_reference_on_random_texts(family, method, budget):
+    """Every registered method, at batch budgets that do not divide the work, on shuffled texts of
+    mixed lengths, equals its reference within the reference's own float32 noise."""
     name, model, tok = family
     refs = References(model)
-    ex = Explainer(model, tok)
+    size, tokens, row = budget
+    ex = Explainer(model, tok, max_batch_size=size, max_batch_tokens=tokens, row_capacity=row)
     texts = random_texts(6, 2, 11)
     random.shuffle(texts)
-    opts = METHOD_OPTIONS[method]
+    opts = METHOD_OPTIONS.get(method, {})  # a method without test options runs with its defaults
     results = ex.attribute(texts, method=method, **opts)
     assert len(results) == len(texts)
     got, exact, fp32 = [], [], []
@@ -95,7 +48,7 @@ def test_facade_equals_reference_on_random_texts(family, method):
         read_pos = 0 if name == "bert" else len(a.tokens) - 1
         if method == "rollout" and not discard_is_well_conditioned(refs.model64, tok, text, "max", 0.5):
             continue
-        e, r = refs(_reference_scores, method, tok=tok, text=text, read_pos=read_pos, target=a.target_id, **opts)
+        e, r = refs(reference_scores, method, tok=tok, text=text, read_pos=read_pos, target=a.target_id, **opts)
         assert a.scores.shape == (len(a.tokens),)
         got.append(a.scores), exact.append(e), fp32.append(r)
         with torch.no_grad():

@@ -10,8 +10,14 @@ import weakref
 
 import pytest
 import torch
-from conftest import FAMILIES, References, assert_within_fp32_noise, float64_copy, random_texts
-from test_facade import discard_is_well_conditioned
+from conftest import (
+    FAMILIES,
+    References,
+    assert_within_fp32_noise,
+    discard_is_well_conditioned,
+    float64_copy,
+    random_texts,
+)
 
 from engine import Explainer
 from engine import reference as ref

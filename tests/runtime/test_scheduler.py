@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+from collections import Counter
 
 import pytest
 
@@ -160,3 +161,44 @@ def test_pack_rows_balances_whole_texts_and_respects_prefix_rooms():
     assert len(rows) <= len(plain)
     width = max(sum(lengths[i] for i in row) for row in rows)
     assert width <= max(sum(lengths[i] for i in row) for row in plain)
+
+
+def test_abort_takes_out_one_requests_queued_items():
+    scheduler = Scheduler(10)
+    scheduler.add("a", [WorkItem("a", i, "g", 3, payload=(0, i)) for i in range(4)])
+    scheduler.add("b", [WorkItem("b", i, "g", 3, payload=(1, i)) for i in range(2)])
+    first = scheduler.schedule()  # a0, a1, a2 (9 tokens)
+    removed = scheduler.abort("a")
+    assert sorted(item.index for item in removed) == [3]  # the queued one; a0-a2 are in the running batch
+    assert scheduler.complete(first, [0, 1, 2]) == []  # outputs of an aborted request are dropped
+    batches, finished = _drain(scheduler)
+    assert [item.request for b in batches for item in b.items] == ["b", "b"]
+    assert finished == {"b": [1000, 1001]}
+    assert scheduler.pending_requests() == 0 and scheduler.abort("a") == [] and scheduler.abort("zzz") == []
+
+
+@pytest.mark.parametrize("share", [None, 0.5, 0.25])
+def test_a_large_request_leaves_room_for_small_ones(share):
+    scheduler = Scheduler(100, max_request_share=share)
+    scheduler.add("big", [WorkItem("big", i, "g", 10, payload=(0, i)) for i in range(50)])
+    scheduler.add("small", [WorkItem("small", i, "g", 10, payload=(1, i)) for i in range(3)])
+    first = scheduler.schedule()
+    by_request = Counter(item.request for item in first.items)
+    if share is None:  # strict submission order: the small request waits for all of the big one
+        assert by_request == {"big": 10}
+    else:  # each request at most its share while the other waits: the small one starts at once
+        cap = int(share * 100) // 10
+        assert by_request == {"big": cap, "small": min(3, cap)}
+    assert first.tokens <= 100
+    batches, _ = _drain(scheduler)
+    assert sum(len(b.items) for b in batches) + len(first.items) == 53  # nothing lost or repeated
+
+
+def test_owners_share_one_cap():
+    scheduler = Scheduler(100, max_request_share=0.5)
+    for r in range(5):  # one caller's five requests count as one owner
+        scheduler.add(f"c{r}", [WorkItem(f"c{r}", i, "g", 10, payload=(r, i)) for i in range(4)], owner="caller")
+    scheduler.add("other", [WorkItem("other", i, "g", 10, payload=(9, i)) for i in range(4)])
+    first = scheduler.schedule()
+    owners = Counter("caller" if item.request.startswith("c") else "other" for item in first.items)
+    assert owners == {"caller": 5, "other": 4}
