@@ -13,8 +13,9 @@ e_t^T A'_L ... A'_1 (O(L S^2) per sequence instead of O(L S^3)).
 Semantics are the reference's `attention_rollout` (fusion, discard with a row left empty becoming e_i,
 `0.5 A + 0.5 I`, each from `kernels.common`). Backends: "torch" (batched bmm; the CPU path and the
 oracle for the kernels), "triton" (one launch per layer: heads fused while tiles load, discard
-threshold and row scale applied on load, residual added, product accumulated; the fused matrix is never written), and "auto" (Triton
-for CUDA tensors, torch otherwise; `backend="triton"` on CPU tensors needs TRITON_INTERPRET=1).
+threshold and row scale applied on load, residual added, product accumulated; the fused matrix is
+never written), and "auto" (Triton for CUDA tensors, torch otherwise; `backend="triton"` on CPU
+tensors needs TRITON_INTERPRET=1).
 `discard_ratio > 0` needs each matrix's quantile first: a torch pre-pass computes thresholds and
 row scales (`_discard_params`).
 
