@@ -23,6 +23,8 @@ class Attribution:
     regions: list[dict] | None = None  # sliding_window: windows sorted by impact, descending
     completeness_gap: float | None = None  # integrated_gradients: sum(scores) - (f(x) - f(baseline))
     target_logit: float = float("nan")  # its logit on the unperturbed text (LRP conserves it: sum(scores))
+    std_error: np.ndarray | None = None  # shapley_sampling: the standard error of each score
+    n_evaluations: int | None = None  # the Shapley methods: distinct perturbed sequences evaluated
 
     def __bool__(self) -> bool:
         return True

@@ -321,7 +321,11 @@ METHOD_OPTIONS = {
     "integrated_gradients": {"n_steps": 6},
     "sliding_window": {"window_size": 2},
     "lrp": {"rule": "cplrp"},
+    "shapley_sampling": {"n_samples": 3},
+    "kernel_shap": {"n_samples": 40},
 }
+# words per text where a method's cost grows faster than the text (2^n coalitions); others: 2 to 11
+METHOD_TEXT_WORDS = {"shapley": (2, 6)}
 
 
 def reference_scores(model, method, tok, text, read_pos, target, **opts):

@@ -100,6 +100,53 @@ def _first_success(attributed: dict, methods: list[str], i: int):
     return next(attributed[m][i] for m in methods if attributed[m][i])
 
 
+def _check_arguments(methods, method_options, deletion, curve_steps, agreement_k, plausibility_k, rationales, pairs):
+    """Every argument, before any work."""
+    from ..methods import make_options
+
+    check_method_options(methods, method_options, "evaluated", name="method_options")
+    for m in methods:
+        make_options(m, **method_options.get(m, {}))
+    if deletion not in DELETIONS:
+        raise ValueError(f"deletion must be one of {list(DELETIONS)}, got {deletion!r}")
+    _check_positive_int("curve_steps", curve_steps)
+    _check_positive_int("agreement_k", agreement_k)
+    if plausibility_k is not None:
+        _check_positive_int("plausibility_k", plausibility_k)
+    if any(r is not None for r in rationales):
+        metrics.require_sklearn()
+    for pair in pairs:
+        if not (isinstance(pair, (tuple, list)) and len(pair) == 2 and all(isinstance(t, str) for t in pair)):
+            raise TypeError(f"each paraphrase pair must be two strs, got {pair!r}")
+
+
+def _attribute_all(ex, texts, pairs, methods, method_options, rationales):
+    """Every text (and every paraphrase) attributed with every method, each method batched over the
+    texts and each text scored once; -> (attributions per method, failures, the indices of the texts
+    kept, their 0/1 rationale masks). A method that fails on a text (too short for its window,
+    non-finite outputs, ...) leaves that (text, method) out: the text is evaluated with the others."""
+    pair_texts = [t for pair in pairs for t in pair]
+    clean_cache: dict = {}
+    attributed = {
+        m: ex._attribute(texts + pair_texts, m, None, method_options.get(m, {}), clean_cache) for m in methods
+    }
+    failures = [attributed[m][i] for i in range(len(texts)) for m in methods if not attributed[m][i]]
+    kept = [i for i in range(len(texts)) if any(attributed[m][i] for m in methods)]
+    rationale_masks = {}
+    for i in kept:
+        if rationales[i] is not None:
+            mask = np.asarray(rationales[i])
+            n = len(_first_success(attributed, methods, i).tokens)
+            if mask.shape != (n,) or not np.isin(mask, (0, 1)).all():
+                error = ValueError(f"rationale must be {n} values of 0/1, got {mask.tolist()}")
+                failures.append(AttributionFailure(i, texts[i], "evaluate", error))
+                continue
+            rationale_masks[i] = mask.astype(int)
+    kept = [i for i in kept if rationales[i] is None or i in rationale_masks]
+    failures.sort(key=lambda f: (f.index, methods.index(f.method) if f.method in methods else -1))
+    return attributed, failures, kept, rationale_masks
+
+
 def evaluate(
     ex,
     texts: Sequence[str],
@@ -116,54 +163,14 @@ def evaluate(
     paraphrases: Sequence[tuple[str, str]] | None = None,
     method_options: dict[str, dict] | None = None,
 ) -> Evaluation:
-    from ..methods import make_options
-
     texts = [texts] if isinstance(texts, str) else ex._as_list(texts)  # one text, not its characters
     methods = [methods] if isinstance(methods, str) else list(methods)
     method_options = method_options or {}
-    check_method_options(methods, method_options, "evaluated", name="method_options")
-    for m in methods:
-        make_options(m, **method_options.get(m, {}))  # validate every option before any work
     ks = check_k_values(k_values, fractions=True)
-    if deletion not in DELETIONS:
-        raise ValueError(f"deletion must be one of {list(DELETIONS)}, got {deletion!r}")
-    _check_positive_int("curve_steps", curve_steps)
-    _check_positive_int("agreement_k", agreement_k)
-    if plausibility_k is not None:
-        _check_positive_int("plausibility_k", plausibility_k)
     rationales = _check_per_text("rationales", rationales, len(texts))
-    if any(r is not None for r in rationales):
-        metrics.require_sklearn()
     pairs = list(paraphrases or [])
-    for pair in pairs:
-        if not (isinstance(pair, (tuple, list)) and len(pair) == 2 and all(isinstance(t, str) for t in pair)):
-            raise TypeError(f"each paraphrase pair must be two strs, got {pair!r}")
-
-    # ---- attribute every text (and every paraphrase) with every method, each method batched
-    pair_texts = [t for pair in pairs for t in pair]
-    clean_cache: dict = {}  # one clean pass per text, whatever the number of perturbation methods
-    attributed = {
-        m: ex._attribute(texts + pair_texts, m, None, method_options.get(m, {}), clean_cache) for m in methods
-    }
-    # a method that fails on a text (too short for its window, non-finite outputs, ...) leaves that
-    # (text, method) out; the text is evaluated with the methods that succeeded on it
-    failures = [attributed[m][i] for i in range(len(texts)) for m in methods if not attributed[m][i]]
-    kept = [i for i in range(len(texts)) if any(attributed[m][i] for m in methods)]
-    rationale_masks = {}
-    for i in kept:
-        if rationales[i] is not None:
-            mask = np.asarray(rationales[i])
-            n = len(_first_success(attributed, methods, i).tokens)
-            if mask.shape != (n,) or not np.isin(mask, (0, 1)).all():
-                failures.append(
-                    AttributionFailure(
-                        i, texts[i], "evaluate", ValueError(f"rationale must be {n} values of 0/1, got {mask.tolist()}")
-                    )
-                )
-                continue
-            rationale_masks[i] = mask.astype(int)
-    kept = [i for i in kept if rationales[i] is None or i in rationale_masks]
-    failures.sort(key=lambda f: (f.index, methods.index(f.method) if f.method in methods else -1))
+    _check_arguments(methods, method_options, deletion, curve_steps, agreement_k, plausibility_k, rationales, pairs)
+    attributed, failures, kept, rationale_masks = _attribute_all(ex, texts, pairs, methods, method_options, rationales)
 
     # ---- per text: plan its perturbations, run them, score and aggregate as each text completes
     k_labels = [str(k) for k in ks]

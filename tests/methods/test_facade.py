@@ -10,6 +10,7 @@ import torch
 from conftest import (
     BUDGETS,
     METHOD_OPTIONS,
+    METHOD_TEXT_WORDS,
     References,
     assert_close,
     assert_matches_reference,
@@ -36,7 +37,7 @@ def test_facade_equals_reference_on_random_texts(family, method, budget):
     refs = References(model)
     size, tokens, row = budget
     ex = Explainer(model, tok, max_batch_size=size, max_batch_tokens=tokens, row_capacity=row)
-    texts = random_texts(6, 2, 11)
+    texts = random_texts(6, *METHOD_TEXT_WORDS.get(method, (2, 11)))
     random.shuffle(texts)
     opts = METHOD_OPTIONS.get(method, {})  # a method without test options runs with its defaults
     results = ex.attribute(texts, method=method, **opts)
