@@ -13,10 +13,9 @@ import argparse
 import json
 import sys
 
-import numpy as np
-
 from .display import display_token, display_tokens
-from .methods import available_methods
+from .jsonable import strict_json
+from .methods import available_methods, default_methods
 from .models import CLASSIFIER, DEFAULT_MODEL
 
 BAR_WIDTH = 30
@@ -33,7 +32,7 @@ class UsageError(ValueError):
 
 def _parse_methods(values: list[str] | None) -> list[str]:
     if not values:
-        return available_methods()
+        return default_methods()
     methods = [m for v in values for m in v.split(",") if m]
     valid = available_methods()
     unknown = [m for m in methods if m not in valid]
@@ -73,7 +72,7 @@ def explain(args) -> int:
             "top_k": {m: [{"token": t, "score": s} for t, s in top] for m, top in comparison.top_k.items()},
             "faithfulness": faith,
         }
-        json.dump(_strict_json(report), sys.stdout, indent=2, allow_nan=False)
+        json.dump(strict_json(report), sys.stdout, indent=2, allow_nan=False)
         print()
         return 0
 
@@ -200,7 +199,7 @@ def run_evaluation(args, texts, rationales=None, pairs=()) -> int:
             "per_text": ev.to_records(),
             "failures": [{"index": f.index, "method": f.method, "error": str(f.error)} for f in ev.failures],
         }
-        json.dump(_strict_json(out), sys.stdout, indent=2, allow_nan=False)
+        json.dump(strict_json(out), sys.stdout, indent=2, allow_nan=False)
         print()
         return 0
     n = len({r["text_index"] for r in ev.per_text})
@@ -229,20 +228,6 @@ def evaluate_file(args) -> int:
     return run_evaluation(args, texts, rationales, pairs)
 
 
-def _strict_json(value):
-    """NaN (a constant score vector's rank correlation, an all-zero vector's entropy) as null, numpy
-    scalars as Python numbers: output any JSON parser reads."""
-    if isinstance(value, dict):
-        return {k: _strict_json(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple, np.ndarray)):
-        return [_strict_json(v) for v in value]
-    if isinstance(value, (float, np.floating)):
-        return None if np.isnan(value) else float(value)
-    if isinstance(value, np.integer):
-        return int(value)
-    return value
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="engine", description="Token attributions for transformers.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -253,7 +238,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--methods",
         nargs="+",
         metavar="METHOD",
-        help=f"methods, space or comma separated (default: all of {available_methods()})",
+        help=f"methods, space or comma separated, of {available_methods()} (default: {default_methods()})",
     )
     p.add_argument("--format", choices=("table", "json"), default="table")
     p.add_argument("--k", nargs="+", default=["1", "3", "5"], help="faithfulness k values (default: 1 3 5)")
@@ -273,7 +258,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument(
             "--model", default=DEFAULT_MODEL, help=f"model name, hub id or folder (default: {DEFAULT_MODEL})"
         )
-        p.add_argument("--methods", nargs="+", metavar="METHOD", help=f"default: all of {available_methods()}")
+        p.add_argument(
+            "--methods", nargs="+", metavar="METHOD", help=f"of {available_methods()} (default: {default_methods()})"
+        )
         p.add_argument(
             "--k", nargs="+", default=["1", "3", "5"], help="faithfulness k: ints or fractions (default 1 3 5)"
         )
@@ -283,15 +270,69 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--format", choices=("table", "json"), default="table")
         p.add_argument("--html", metavar="FILE", help="write a self-contained HTML report")
         p.add_argument("--plots", metavar="DIR", help="write the figures (PNG) into DIR")
+    p = sub.add_parser("serve", help="serve explanations over HTTP (needs the [serve] extra)")
+    p.add_argument("--model", default=DEFAULT_MODEL, help=f"model name, hub id or folder (default: {DEFAULT_MODEL})")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
+    p.add_argument("--port", type=int, default=8080)
+    p.add_argument("--max-batch-tokens", type=int, default=None, help="token budget per batch")
+    p.add_argument("--max-queued-tokens", type=int, default=200_000, help="admitted work in flight, in tokens")
+    p.add_argument("--timeout-s", type=float, default=60.0, help="default deadline per request")
+    p.add_argument("--api-key-env", metavar="VAR", help="require 'Authorization: Bearer $VAR'")
+    p.add_argument("--grace-s", type=float, default=30.0, help="on SIGTERM, seconds to finish in-flight requests")
+    p.set_defaults(func=serve)
     return parser
+
+
+def serve(args) -> int:
+    import contextlib
+    import os
+    import signal
+
+    try:
+        import uvicorn
+
+        from .serve import create_app
+    except ImportError as err:
+        raise ImportError(f'engine serve needs the serve extra: pip install -e ".[serve]" ({err})') from err
+    from .explainer import Explainer
+
+    api_key = None
+    if args.api_key_env:
+        api_key = os.environ.get(args.api_key_env)
+        if not api_key:
+            raise ValueError(f"--api-key-env {args.api_key_env}: that environment variable is empty or unset")
+    options = {} if args.max_batch_tokens is None else {"max_batch_tokens": args.max_batch_tokens}
+    ex = Explainer.from_pretrained(args.model, progress=False, **options)
+    name = os.path.basename(os.path.normpath(args.model))
+    app = create_app(ex, name, max_queued_tokens=args.max_queued_tokens, timeout_s=args.timeout_s, api_key=api_key)
+    config = uvicorn.Config(
+        app, host=args.host, port=args.port, log_level="warning", timeout_graceful_shutdown=args.grace_s
+    )
+    server = uvicorn.Server(config)
+
+    @contextlib.contextmanager
+    def graceful_signals():
+        # SIGTERM / SIGINT: stop accepting, finish in-flight requests, exit 0 (uvicorn's own handler
+        # re-raises the signal after the shutdown, so the process would end killed by it)
+        previous = {sig: signal.signal(sig, server.handle_exit) for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+    server.capture_signals = graceful_signals
+    server.run()
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:  # the command line is checked whole before any model loads
-        args.methods = _parse_methods(args.methods)
-        args.k = _parse_k(args.k, fractions=args.command != "explain")
+        if args.command != "serve":
+            args.methods = _parse_methods(args.methods)
+            args.k = _parse_k(args.k, fractions=args.command != "explain")
         if getattr(args, "text", None) is not None and not args.text.strip():
             raise UsageError("the text is empty or whitespace only")
     except UsageError as err:

@@ -35,6 +35,7 @@ from .models import (
 )
 from .options import check_int, check_k_values, check_method_options
 from .results import Attribution, AttributionFailure, Comparison, NonFiniteOutputError
+from .runtime import scope as call_scope
 from .runtime.context import ModelContext
 from .runtime.forward import packs_rows
 from .runtime.loop import EngineLoop
@@ -216,8 +217,11 @@ class Explainer:
         """Run `work` on the loop as one request (a tqdm bar for 16 texts or more, unless `progress`);
         an interrupted call (KeyboardInterrupt, an error) cancels its request before it propagates."""
         show = self.progress if self.progress is not None else n_texts >= 16
+        scope = call_scope.current()
+        if scope is not None:
+            scope.check()
         with tqdm(total=len(work), desc=desc, disable=not show, leave=False) as bar:
-            return self.loop.run(work, on_progress=bar.update if show else None)
+            return call_scope.wait(self.loop, self.loop.submit(work, on_progress=bar.update if show else None))
 
     def _stream(self, keys, plan, finish, desc: str, window: int) -> None:
         """For each key in order: `plan(key)` (with `.work`) runs as its own request, up to `window` in
@@ -229,20 +233,30 @@ class Explainer:
         with tqdm(total=len(keys), desc=desc, disable=not show, leave=False) as bar:
             try:
                 for key in keys:
+                    scope = call_scope.current()
+                    if scope is not None:
+                        scope.check()
                     planned = plan(key)
                     pending.append((key, planned, self.loop.submit(planned.work, owner=owner)))
                     while len(pending) >= window or (pending and pending[0][2].done()):
                         done_key, done_plan, future = pending.popleft()
-                        finish(done_key, done_plan, self.loop.result(future))
+                        finish(done_key, done_plan, call_scope.wait(self.loop, future))
                         bar.update(1)
                 while pending:
                     done_key, done_plan, future = pending.popleft()
-                    finish(done_key, done_plan, self.loop.result(future))
+                    finish(done_key, done_plan, call_scope.wait(self.loop, future))
                     bar.update(1)
             except BaseException:
                 for _, _, future in pending:
                     self.loop.cancel(future)
                 raise
+
+    @staticmethod
+    def scope(timeout_s: float | None = None):
+        """`with ex.scope(timeout_s) as scope:` the calls this thread makes inside the block stop at the
+        deadline (`DeadlineExceeded`, their queued work purged) and can be cancelled from another
+        thread with `scope.cancel()` (`CallCancelled`); see `engine.runtime.scope`."""
+        return call_scope.scoped(timeout_s)
 
     def _clean_pass(self, prepared: list[PreparedText]) -> list[PreparedText]:
         outputs = self._run([clean_work(self.context, p) for p in prepared], "clean pass", len(prepared))
@@ -328,7 +342,7 @@ class Explainer:
         """Several methods on one text: normalized scores, Spearman matrix, top-k tokens per method."""
         if isinstance(methods, str):  # one method, not its characters
             methods = [methods]
-        methods = list(methods) if methods is not None else available_methods()
+        methods = list(methods) if methods is not None else registry.default_methods()
         if not methods:
             raise ValueError(f"methods is empty: pass at least one of {available_methods()}")
         options = options or {}
@@ -367,7 +381,7 @@ class Explainer:
         See `engine.evaluation.evaluate` for the keyword options and the conventions."""
         from .evaluation import evaluate
 
-        return evaluate(self, texts, methods if methods is not None else available_methods(), **kwargs)
+        return evaluate(self, texts, methods if methods is not None else registry.default_methods(), **kwargs)
 
     # ------------------------------------------------------------------------------------- internals
 
@@ -458,6 +472,7 @@ class Explainer:
         return Attribution(
             text=p.text,
             tokens=list(p.tokens),
+            token_ids=list(p.input_ids),
             method=method,
             target_id=p.target_id,
             target_token=self._decode_target(p.target_id),

@@ -25,6 +25,7 @@ class Attribution:
     target_logit: float = float("nan")  # its logit on the unperturbed text (LRP conserves it: sum(scores))
     std_error: np.ndarray | None = None  # shapley_sampling: the standard error of each score
     n_evaluations: int | None = None  # the Shapley methods: distinct perturbed sequences evaluated
+    token_ids: list[int] | None = None  # the ids of `tokens`
 
     def __bool__(self) -> bool:
         return True

@@ -328,6 +328,12 @@ METHOD_OPTIONS = {
 METHOD_TEXT_WORDS = {"shapley": (2, 6)}
 
 
+def words_for(method: str, lo: int, hi: int) -> tuple[int, int]:
+    """A test's (min, max) words per text, capped for the methods of `METHOD_TEXT_WORDS`."""
+    cap = METHOD_TEXT_WORDS.get(method, (lo, hi))[1]
+    return min(lo, cap), min(hi, cap)
+
+
 def reference_scores(model, method, tok, text, read_pos, target, **opts):
     """What a registered method must return for one text, straight from its reference (on `model`,
     float32 or its float64 copy), explaining `target` (`engine.methods` registry)."""

@@ -18,6 +18,7 @@ from conftest import (
     reference_scores,
     tiny_gpt2,
     tiny_llama,
+    words_for,
 )
 
 from engine import AttributionFailure, Explainer, available_methods
@@ -70,7 +71,7 @@ def test_token_ids_outside_the_embedding_table_fail_their_text_only(llama):
 def test_float16_models_equal_the_reference_within_float16_noise(make_model, method):
     model, tok = make_model().half(), make_tokenizer()
     refs = References(model)  # float64 copy (exact) and the float16 model (the reference's own fp16 noise)
-    texts = random_texts(4, 3, 9)
+    texts = random_texts(4, *words_for(method, 3, 9))
     opts = OPTIONS.get(method, {})
     got, exact, fp16 = [], [], []
     for text, a in zip(texts, Explainer(model, tok).attribute(texts, method, **opts), strict=True):

@@ -29,6 +29,12 @@ def available_methods() -> list[str]:
     return sorted(_REGISTRY, key=lambda name: (_REGISTRY[name].order, name))
 
 
+def default_methods() -> list[str]:
+    """The methods `compare`, `evaluate` and the CLI run when none are named: every registered one
+    whose cost is bounded for any text (exact `shapley` is not: 2^n coalitions)."""
+    return [name for name in available_methods() if _REGISTRY[name].default]
+
+
 def get(method: str) -> Method:
     if not isinstance(method, str):
         raise TypeError(f"method must be a str, one of {available_methods()}, got {method!r}")
@@ -51,4 +57,4 @@ for _module in pkgutil.iter_modules(__path__):
     if not _module.name.startswith("_"):
         importlib.import_module(f"{__name__}.{_module.name}")
 
-__all__ = ["Method", "PreparedText", "available_methods", "get", "make_options", "register"]
+__all__ = ["Method", "PreparedText", "available_methods", "default_methods", "get", "make_options", "register"]

@@ -44,6 +44,7 @@ class Method:
     scores_itself: bool = False  # its own forward scores the clean text: no separate clean pass
     check_model: Callable | None = None  # (context, options) -> None; raises for an unsupported model
     check_text: Callable | None = None  # (text, options) -> None; raises for a text it cannot attribute
+    default: bool = True  # in the default set of compare / evaluate / the CLI (False: cost exponential in n)
 
 
 def replaced(ids, positions, fill: int) -> list[int]:

@@ -24,6 +24,8 @@ class PrefixCaches:
     def __init__(self):
         self._caches: dict[tuple[int, ...], list] = {}  # clean ids -> per-layer (keys, values)
         self._users: Counter = Counter()  # clean ids -> items (queued or running) that read its cache
+        self.hits = 0  # batches' texts whose cache was already built
+        self.misses = 0  # ... and those built for it
 
     def retain(self, items: Iterable[WorkItem]) -> None:
         self._users.update(_keys(items))
@@ -43,6 +45,8 @@ class PrefixCaches:
     def get(self, model, keys: list[tuple[int, ...]], row_capacity: int) -> list[list]:
         """The caches of `keys`, building the missing ones in one packed forward."""
         missing = [key for key in keys if key not in self._caches]
+        self.hits += len(keys) - len(missing)
+        self.misses += len(missing)
         if missing:
             built = packed_clean_caches(model, missing, row_capacity)
             self._caches.update(zip(missing, built, strict=True))

@@ -45,9 +45,12 @@ class EngineLoop:
         background: bool = True,
         idle_s: float = 0.5,
         history: int = 1024,
+        observer=None,
     ):
         """`max_request_share`: of a batch's tokens, what one request may take while others wait
-        (`Scheduler`); `history`: how many recent batches `batch_log` keeps (request ids per batch)."""
+        (`Scheduler`); `history`: how many recent batches `batch_log` keeps (request ids per batch);
+        `observer`: an object with `on_batch(batch, seconds)` and `on_queue_wait(seconds)` (metrics),
+        called on the loop's thread."""
         self.runner = runner
         self.scheduler = Scheduler(max_batch_tokens, max_batch_size, runner.batch_cost, max_request_share)
         self.caches = PrefixCaches()
@@ -59,6 +62,9 @@ class EngineLoop:
         self._futures: dict[int, Future] = {}
         self._progress: dict[int, Callable[[int], None]] = {}
         self._ids = itertools.count()
+        self._waiting_since: dict[int, float] = {}  # request -> submit time, until its first batch
+        self.observer = observer
+        self.closed = False  # `close()`: no new requests (a server shutting down)
         self._worker: threading.Thread | None = None
         self.batches_run = 0
         self.batch_log: deque[tuple[tuple, tuple[int, ...]]] = deque(maxlen=history)  # (group kind, request ids)
@@ -69,6 +75,8 @@ class EngineLoop:
         """Queue one request; its future's result is the outputs, one per `Work`, in order.
         `on_progress(n)` is called (on the loop's thread) as n more of its items complete; `owner`
         groups the requests of one caller under one share of each batch (`Scheduler`)."""
+        if self.closed:
+            raise RuntimeError("the engine loop is closed: it takes no new requests")
         future: Future = Future()
         request = next(self._ids)
         future.request_id = request
@@ -78,6 +86,7 @@ class EngineLoop:
         items = [WorkItem(request, i, w.group, w.tokens, w.payload) for i, w in enumerate(work)]
         with self._lock:
             self.scheduler.add(request, items, owner)
+            self._waiting_since[request] = time.monotonic()
             self.caches.retain(items)
             self._futures[request] = future
             if on_progress is not None:
@@ -100,6 +109,7 @@ class EngineLoop:
             self.caches.release(self.scheduler.abort(request))
             pending = self._futures.pop(request, None) is not None
             self._progress.pop(request, None)
+            self._waiting_since.pop(request, None)
         if pending:
             future.cancel()
         return pending
@@ -139,6 +149,10 @@ class EngineLoop:
             time.sleep(0.005)
         return False
 
+    def close(self) -> None:
+        """Take no new requests; those submitted still run to the end."""
+        self.closed = True
+
     def pending(self) -> int:
         """Requests submitted and not yet finished, failed or cancelled."""
         with self._lock:
@@ -151,8 +165,13 @@ class EngineLoop:
         with self._step_lock:
             with self._lock:
                 batch = self.scheduler.schedule()
+                now = time.monotonic()
+                waits = [now - self._waiting_since.pop(r) for r in self._requests_of(batch) if r in self._waiting_since]
             if batch is None:
                 return False
+            if self.observer is not None:
+                for seconds in waits:
+                    self.observer.on_queue_wait(seconds)
             try:
                 outputs = self.runner.execute(batch, self.caches)
             except BaseException as err:
@@ -160,8 +179,18 @@ class EngineLoop:
                 if not isinstance(err, Exception):
                     raise
                 return True
+            if self.observer is not None:
+                self.observer.on_batch(batch, time.monotonic() - now)
             self._complete(batch, outputs)
             return True
+
+    @staticmethod
+    def _requests_of(batch: Batch | None) -> list[int]:
+        return [] if batch is None else list(dict.fromkeys(item.request for item in batch.items))
+
+    def queued_tokens(self) -> int:
+        with self._lock:
+            return self.scheduler.queued_tokens()
 
     def run_until_idle(self) -> int:
         """Step until nothing is queued; returns the batches run."""
@@ -198,6 +227,7 @@ class EngineLoop:
             for request in requests:
                 self.caches.release(self.scheduler.abort(request))
                 self._progress.pop(request, None)
+                self._waiting_since.pop(request, None)
                 future = self._futures.pop(request, None)
                 if future is not None:
                     failed.append(future)

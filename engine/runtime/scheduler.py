@@ -64,6 +64,7 @@ class Scheduler:
         self._queues: dict[Hashable, deque[tuple[int, WorkItem]]] = {}  # group -> (sequence no., item)
         self._requests: dict[Hashable, _Request] = {}
         self._owners: dict[Hashable, Hashable] = {}  # request -> owner, for the per-owner share
+        self._queued_tokens = 0  # the tokens of every queued item (admission control reads it)
         self._sequence = itertools.count()
 
     def add(self, request: Hashable, items: Iterable[WorkItem], owner: Hashable | None = None) -> None:
@@ -79,6 +80,7 @@ class Scheduler:
             if item.request != request:
                 raise ValueError(f"item of request {item.request!r} added under {request!r}")
             self._queues.setdefault(item.group, deque()).append((next(self._sequence), item))
+            self._queued_tokens += item.tokens
 
     def abort(self, request: Hashable) -> list[WorkItem]:
         """Take a request's queued items out; returns them. Its items in a batch already scheduled
@@ -95,6 +97,7 @@ class Scheduler:
                 self._queues[group] = kept
             else:
                 del self._queues[group]
+        self._queued_tokens -= sum(item.tokens for item in removed)
         return removed
 
     def has_work(self) -> bool:
@@ -102,6 +105,9 @@ class Scheduler:
 
     def pending_requests(self) -> int:
         return len(self._requests)
+
+    def queued_tokens(self) -> int:
+        return self._queued_tokens
 
     def queued_items(self) -> int:
         return sum(len(queue) for queue in self._queues.values())
@@ -142,6 +148,7 @@ class Scheduler:
             self._queues[group] = queue = deque(e for p, e in enumerate(queue) if p not in taken_positions)
         if not queue:
             del self._queues[group]
+        self._queued_tokens -= sum(item.tokens for item in items)
         return Batch(group=group, items=items, tokens=tokens)
 
     def _fit(self, group: Hashable, items: list[WorkItem]) -> tuple[list[WorkItem], int]:

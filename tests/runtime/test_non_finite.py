@@ -16,6 +16,7 @@ from conftest import (
     reference_scores,
     tiny_gpt2,
     tiny_llama,
+    words_for,
 )
 
 from engine import AttributionFailure, Explainer, NonFiniteOutputError, available_methods
@@ -44,7 +45,7 @@ def poisoned(request):
 @pytest.mark.parametrize("method", available_methods())
 def test_a_nan_text_fails_alone_and_its_neighbours_equal_the_reference(poisoned, method):
     name, model, tok, refs = poisoned
-    clean = [t for t in random_texts(6, 3, 10) if POISON not in t.split()]
+    clean = [t for t in random_texts(6, *words_for(method, 3, 10)) if POISON not in t.split()]
     bad = ["the big " + POISON + " was green", POISON + " and sky"]
     texts = clean + bad
     random.shuffle(texts)

@@ -19,6 +19,7 @@ from conftest import (
     make_tokenizer,
     random_texts,
     reference_scores,
+    words_for,
 )
 
 from engine import Explainer, available_methods
@@ -104,7 +105,7 @@ def test_methods_equal_the_reference(windowed, method, prefix_reuse):
         with pytest.raises(ValueError, match="gemma2"):
             Explainer(model, tok, prefix_reuse=prefix_reuse).attribute("the cat sat on the mat", "lrp")
         return
-    texts = random_texts(5, 5, 14)
+    texts = random_texts(5, *words_for(method, 5, 14))
     random.shuffle(texts)
     opts = OPTIONS.get(method, {})
     exact, fp32 = {}, {}
