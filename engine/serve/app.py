@@ -139,8 +139,10 @@ def create_app(
     api_key: str | None = None,
     max_body_bytes: int = 1 << 20,
     max_instances: int = 256,
+    one_at_a_time: bool = False,
 ):
-    """The FastAPI app serving `ex` as `model_name`."""
+    """The FastAPI app serving `ex` as `model_name`. `one_at_a_time`: requests run one after another
+    (no batching across requests: the baseline the load benchmark compares with)."""
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
@@ -166,6 +168,7 @@ def create_app(
     metrics = ServerMetrics(ex)
     ex.loop.observer = metrics
     admission = Admission(max_queued_tokens)
+    serial = threading.Lock() if one_at_a_time else None
     app.state.explainer, app.state.metrics, app.state.admission = ex, metrics, admission
 
     def error(status: int, kind: str, message: str, headers: dict | None = None):
@@ -227,7 +230,7 @@ def create_app(
             return error(err.status, err.kind, str(err), err.headers)
         try:
             seconds = body.parameters.timeout_s or timeout_s
-            answers, outcome = await _run_watching_client(request, ex, body, seconds)
+            answers, outcome = await _run_watching_client(request, ex, body, seconds, serial)
         finally:
             admission.release(tokens)
         metrics.request(outcome, time.monotonic() - start, body.instances, answers)
@@ -265,13 +268,13 @@ async def _read_body(request, max_body_bytes: int) -> ExplainBody:
         raise HTTPError(422, "ValidationError", f"{where}: {first['msg']}") from err
 
 
-async def _run_watching_client(request, ex, body: ExplainBody, seconds: float):
+async def _run_watching_client(request, ex, body: ExplainBody, seconds: float, serial=None):
     """Run the instances on a worker thread under a scope with the deadline; a client that disconnects
     cancels the scope (its queued work leaves the loop). -> (answers, outcome)."""
     scope = call_scope.CallScope(seconds)
 
     def work():
-        with call_scope.using(scope):
+        with call_scope.using(scope), serial if serial is not None else contextlib.nullcontext():
             return explain_instances(ex, body)
 
     task = asyncio.ensure_future(asyncio.to_thread(work))
