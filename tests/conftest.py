@@ -321,11 +321,12 @@ METHOD_OPTIONS = {
     "integrated_gradients": {"n_steps": 6},
     "sliding_window": {"window_size": 2},
     "lrp": {"rule": "cplrp"},
-    "shapley_sampling": {"n_samples": 3},
-    "kernel_shap": {"n_samples": 40},
+    "shapley_sampling": {"n_samples": 2},
+    "kernel_shap": {"n_samples": 24},
 }
-# words per text where a method's cost grows faster than the text (2^n coalitions); others: 2 to 11
-METHOD_TEXT_WORDS = {"shapley": (2, 6)}
+# words per text for the methods whose cost grows faster than the text (2^n coalitions, n permutations
+# of n + 1 coalitions each; `tests/methods/test_shapley.py` covers them further); others: 2 to 11
+METHOD_TEXT_WORDS = {"shapley": (2, 4), "shapley_sampling": (2, 7), "kernel_shap": (2, 7)}
 
 
 def words_for(method: str, lo: int, hi: int) -> tuple[int, int]:
