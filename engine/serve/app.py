@@ -146,6 +146,7 @@ def create_app(
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
+        ex.loop.closed = False  # the server owns the loop while it runs (an Explainer may serve again)
         yield
         ex.loop.close()  # shutdown: the in-flight requests have finished (uvicorn's graceful period)
 
