@@ -217,9 +217,7 @@ class Explainer:
         """Run `work` on the loop as one request (a tqdm bar for 16 texts or more, unless `progress`);
         an interrupted call (KeyboardInterrupt, an error) cancels its request before it propagates."""
         show = self.progress if self.progress is not None else n_texts >= 16
-        scope = call_scope.current()
-        if scope is not None:
-            scope.check()
+        call_scope.check_current()
         with tqdm(total=len(work), desc=desc, disable=not show, leave=False) as bar:
             return call_scope.wait(self.loop, self.loop.submit(work, on_progress=bar.update if show else None))
 
@@ -233,9 +231,7 @@ class Explainer:
         with tqdm(total=len(keys), desc=desc, disable=not show, leave=False) as bar:
             try:
                 for key in keys:
-                    scope = call_scope.current()
-                    if scope is not None:
-                        scope.check()
+                    call_scope.check_current()
                     planned = plan(key)
                     pending.append((key, planned, self.loop.submit(planned.work, owner=owner)))
                     while len(pending) >= window or (pending and pending[0][2].done()):

@@ -22,16 +22,28 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from kernels.common import HEAD_FUSIONS, discard_low_attention, discard_threshold, fuse_heads, upcast, with_residual
+# HEAD_FUSIONS, discard_threshold, IG_BASELINES, IG_METHODS, window_scores_per_token: re-exported for
+# the tests (`from engine import reference as ref`), the oracle's vocabulary in one place
+from kernels.common import (  # noqa: F401
+    HEAD_FUSIONS,
+    discard_low_attention,
+    discard_threshold,
+    fuse_heads,
+    upcast,
+    with_residual,
+)
 
 from ..encoding import encode
-from ..methods.integrated_gradients import IG_BASELINES, IG_METHODS, baseline_embeddings, contributions, ig_steps
-from ..methods.sliding_window import window_scores_per_token
+from ..methods.integrated_gradients import (  # noqa: F401
+    IG_BASELINES,
+    IG_METHODS,
+    baseline_embeddings,
+    contributions,
+    ig_steps,
+)
+from ..methods.sliding_window import window_scores_per_token  # noqa: F401
 from ..metrics import comprehensiveness, min_max_normalize, rank_tokens, spearman, sufficiency, top_k_indices
 from ..models import eager_attention, replacement_id
-
-# re-exported for the tests (`from engine import reference as ref`): the oracle's vocabulary in one place
-_REEXPORTED = (HEAD_FUSIONS, IG_BASELINES, IG_METHODS, discard_threshold, window_scores_per_token)
 
 # the primitives (head fusion, discard, residual, IG steps and baseline, window scores, faithfulness
 # ratios) are stated once, in `kernels.common`, `engine.metrics` and the method files, and composed here

@@ -11,6 +11,7 @@ from __future__ import annotations
 import threading
 import time
 from concurrent.futures import CancelledError, Future
+from concurrent.futures import TimeoutError as FutureTimeout  # the builtin TimeoutError from 3.11 on
 from contextlib import contextmanager
 
 _current = threading.local()
@@ -65,16 +66,16 @@ def current() -> CallScope | None:
     return getattr(_current, "scope", None)
 
 
-@contextmanager
 def scoped(timeout_s: float | None = None):
-    """A scope for the calls made on this thread inside the block (nested: the inner one applies)."""
-    scope = CallScope(timeout_s)
-    previous = current()
-    _current.scope = scope
-    try:
-        yield scope
-    finally:
-        _current.scope = previous
+    """A new scope for the calls made on this thread inside the block (nested: the inner one applies)."""
+    return using(CallScope(timeout_s))
+
+
+def check_current() -> None:
+    """Raise if this thread's scope (if any) says the call may not go on."""
+    scope = current()
+    if scope is not None:
+        scope.check()
 
 
 def wait(loop, future: Future) -> list:
@@ -84,8 +85,8 @@ def wait(loop, future: Future) -> list:
         return loop.result(future)
     scope.track(loop, future)
     try:
-        return loop.result(future, scope.remaining() if scope.deadline is not None else None)
-    except TimeoutError as err:
+        return loop.result(future, scope.remaining())
+    except FutureTimeout as err:
         raise DeadlineExceeded("the call's deadline passed; its queued work was cancelled") from err
     except CancelledError as err:
         raise CallCancelled("the call was cancelled; its queued work is gone") from err
