@@ -277,6 +277,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-batch-tokens", type=int, default=None, help="token budget per batch")
     p.add_argument("--max-queued-tokens", type=int, default=200_000, help="admitted work in flight, in tokens")
     p.add_argument("--timeout-s", type=float, default=60.0, help="default deadline per request")
+    p.add_argument("--max-concurrent", type=int, default=64, help="requests waiting on the engine loop at once")
     p.add_argument("--api-key-env", metavar="VAR", help="require 'Authorization: Bearer $VAR'")
     p.add_argument("--grace-s", type=float, default=30.0, help="on SIGTERM, seconds to finish in-flight requests")
     p.set_defaults(func=serve)
@@ -304,7 +305,14 @@ def serve(args) -> int:
     options = {} if args.max_batch_tokens is None else {"max_batch_tokens": args.max_batch_tokens}
     ex = Explainer.from_pretrained(args.model, progress=False, **options)
     name = os.path.basename(os.path.normpath(args.model))
-    app = create_app(ex, name, max_queued_tokens=args.max_queued_tokens, timeout_s=args.timeout_s, api_key=api_key)
+    app = create_app(
+        ex,
+        name,
+        max_queued_tokens=args.max_queued_tokens,
+        timeout_s=args.timeout_s,
+        api_key=api_key,
+        max_concurrent=args.max_concurrent,
+    )
     config = uvicorn.Config(
         app, host=args.host, port=args.port, log_level="warning", timeout_graceful_shutdown=args.grace_s
     )

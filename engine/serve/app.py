@@ -27,6 +27,7 @@ import json
 import threading
 import time
 from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -139,16 +140,26 @@ def create_app(
     api_key: str | None = None,
     max_body_bytes: int = 1 << 20,
     max_instances: int = 256,
+    max_concurrent: int = 64,
     one_at_a_time: bool = False,
 ):
-    """The FastAPI app serving `ex` as `model_name`. `one_at_a_time`: requests run one after another
-    (no batching across requests: the baseline the load benchmark compares with)."""
+    """The FastAPI app serving `ex` as `model_name`. `max_concurrent`: requests whose calls wait on
+    the loop at once (each holds a thread while it waits; asyncio's default pool of cpu_count + 4
+    threads would cap batching across requests at 6 on this 2-core machine); admitted requests beyond
+    it wait for a thread. `one_at_a_time`: requests run one after another (no batching across
+    requests: the baseline the load benchmark compares with)."""
+    if isinstance(max_concurrent, bool) or not isinstance(max_concurrent, int) or max_concurrent < 1:
+        raise ValueError(f"max_concurrent must be an int >= 1, got {max_concurrent!r}")
+    workers: ThreadPoolExecutor | None = None
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
+        nonlocal workers
         ex.loop.closed = False  # the server owns the loop while it runs (an Explainer may serve again)
+        workers = ThreadPoolExecutor(max_workers=max_concurrent, thread_name_prefix="explain")
         yield
         ex.loop.close()  # shutdown: the in-flight requests have finished (uvicorn's graceful period)
+        workers.shutdown(wait=True)
 
     def authenticate(request: Request) -> None:
         """The bearer token, where one is set (not for /health: probes carry none). A dependency, not
@@ -231,7 +242,7 @@ def create_app(
             return error(err.status, err.kind, str(err), err.headers)
         try:
             seconds = body.parameters.timeout_s or timeout_s
-            answers, outcome = await _run_watching_client(request, ex, body, seconds, serial)
+            answers, outcome = await _run_watching_client(request, ex, body, seconds, workers, serial)
         finally:
             admission.release(tokens)
         metrics.request(outcome, time.monotonic() - start, body.instances, answers)
@@ -269,7 +280,7 @@ async def _read_body(request, max_body_bytes: int) -> ExplainBody:
         raise HTTPError(422, "ValidationError", f"{where}: {first['msg']}") from err
 
 
-async def _run_watching_client(request, ex, body: ExplainBody, seconds: float, serial=None):
+async def _run_watching_client(request, ex, body: ExplainBody, seconds: float, workers, serial=None):
     """Run the instances on a worker thread under a scope with the deadline; a client that disconnects
     cancels the scope (its queued work leaves the loop). -> (answers, outcome)."""
     scope = call_scope.CallScope(seconds)
@@ -278,7 +289,7 @@ async def _run_watching_client(request, ex, body: ExplainBody, seconds: float, s
         with call_scope.using(scope), serial if serial is not None else contextlib.nullcontext():
             return explain_instances(ex, body)
 
-    task = asyncio.ensure_future(asyncio.to_thread(work))
+    task = asyncio.get_running_loop().run_in_executor(workers, work)
     while not task.done():
         done, _ = await asyncio.wait({task}, timeout=DISCONNECT_POLL_S)
         if not done and await request.is_disconnected():

@@ -139,22 +139,46 @@ def test_sixteen_concurrent_clients_get_correct_answers(model64):
 
 
 def test_a_batch_holds_items_of_several_http_requests(model64):
+    # ten requests: more than asyncio's default pool of cpu_count + 4 threads on a 2-core machine,
+    # which once capped how many requests could wait on the loop (and so share a batch) at six
     model, tok = model64
     ex = Explainer(model, tok)
-    texts = random_texts(4, 3, 8)
+    n = 10
+    texts = random_texts(n, 3, 8)
     with serving(ex) as url:
-        results = [None] * 4
-        with ex.loop._step_lock:  # no batch runs until the four requests are queued
+        results = [None] * n
+        with ex.loop._step_lock:  # no batch runs until every request is queued
             threads = [threading.Thread(target=lambda i=i: results.__setitem__(i, explain(url, [{"text": texts[i]}])))
-                       for i in range(4)]  # fmt: skip
+                       for i in range(n)]  # fmt: skip
             for t in threads:
                 t.start()
-            _wait(lambda: ex.loop.pending() == 4)
+            _wait(lambda: ex.loop.pending() == n)
             first = ex.loop.batches_run
         for t in threads:
             t.join()
     assert all(status == 200 for status, _, _ in results)
-    assert max(len(requests) for _, requests in list(ex.loop.batch_log)[first:]) == 4
+    assert max(len(requests) for _, requests in list(ex.loop.batch_log)[first:]) == n
+
+
+def test_max_concurrent_bounds_the_requests_waiting_on_the_loop(model64):
+    model, tok = model64
+    ex = Explainer(model, tok)
+    with pytest.raises(ValueError, match="max_concurrent"):
+        create_app(ex, NAME, max_concurrent=0)
+    texts = random_texts(3, 3, 8)
+    with serving(ex, max_concurrent=2) as url:
+        results = [None] * 3
+        with ex.loop._step_lock:
+            threads = [threading.Thread(target=lambda i=i: results.__setitem__(i, explain(url, [{"text": texts[i]}])))
+                       for i in range(3)]  # fmt: skip
+            for t in threads:
+                t.start()
+            _wait(lambda: ex.loop.pending() == 2)
+            time.sleep(0.3)
+            assert ex.loop.pending() == 2  # the third waits for a thread, not on the loop
+        for t in threads:
+            t.join()
+    assert [r[0] for r in results] == [200] * 3
 
 
 def test_overload_is_429_at_once_and_nothing_admitted_is_lost(model64):
