@@ -14,7 +14,7 @@ import json
 import sys
 
 from .display import display_token, display_tokens
-from .jsonable import strict_json
+from .jsonable import comparison_json, evaluation_json
 from .methods import available_methods, default_methods
 from .models import CLASSIFIER, DEFAULT_MODEL
 
@@ -45,34 +45,18 @@ def _parse_methods(values: list[str] | None) -> list[str]:
 
 def explain(args) -> int:
     from .explainer import Explainer
+    from .report import compare_with_faithfulness
 
     methods = args.methods
     ex = Explainer.from_pretrained(args.model)
-    comparison = ex.compare(args.text, methods, top_k=3)
+    comparison, faith = compare_with_faithfulness(ex, args.text, methods, args.k)
     shown = display_tokens(comparison.tokens, ex.tokenizer)
     n_tokens = len(comparison.tokens)
     ks = [k for k in args.k if k <= n_tokens]
-    faith = {m: ex.faithfulness(args.text, a, ks) for m, a in comparison.attributions.items()} if ks else {}
 
     if args.format == "json":
-        report = {
-            "text": args.text,
-            "model": args.model,
-            "prediction": {"token": comparison.target_token, "probability": comparison.target_prob},
-            "tokens": comparison.tokens,
-            "methods": {
-                m: {
-                    "scores": a.scores.tolist(),
-                    "normalized": comparison.normalized[m].tolist(),
-                    **({"completeness_gap": a.completeness_gap} if a.completeness_gap is not None else {}),
-                }
-                for m, a in comparison.attributions.items()
-            },
-            "spearman": {"methods": methods, "rho": comparison.spearman},
-            "top_k": {m: [{"token": t, "score": s} for t, s in top] for m, top in comparison.top_k.items()},
-            "faithfulness": faith,
-        }
-        json.dump(strict_json(report), sys.stdout, indent=2, allow_nan=False)
+        report = {"text": args.text, "model": args.model, **comparison_json(comparison, faith)}
+        json.dump(report, sys.stdout, indent=2, allow_nan=False)
         print()
         return 0
 
@@ -191,15 +175,8 @@ def run_evaluation(args, texts, rationales=None, pairs=()) -> int:
             print(f"engine: text {f.index}, {f.method}: {f.error}", file=sys.stderr)
         raise ValueError(f"no text could be evaluated ({len(ev.failures)} failure(s) above)")
     if args.format == "json":
-        out = {
-            "model": args.model,
-            "methods": methods,
-            "per_method": ev.per_method,
-            "agreement": ev.agreement,
-            "per_text": ev.to_records(),
-            "failures": [{"index": f.index, "method": f.method, "error": str(f.error)} for f in ev.failures],
-        }
-        json.dump(strict_json(out), sys.stdout, indent=2, allow_nan=False)
+        out = {"model": args.model, **evaluation_json(ev, methods)}
+        json.dump(out, sys.stdout, indent=2, allow_nan=False)
         print()
         return 0
     n = len({r["text_index"] for r in ev.per_text})

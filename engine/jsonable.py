@@ -48,3 +48,40 @@ def error_json(err: BaseException) -> dict:
     """`{"error": {"type", "message"}}`: the exception's class name and its first line (never a trace)."""
     lines = [line for line in str(err).splitlines() if line.strip()]
     return {"error": {"type": type(err).__name__, "message": lines[0] if lines else type(err).__name__}}
+
+
+def comparison_json(comparison, faithfulness: dict) -> dict:
+    """`engine explain --format json` and the server's `:compare`: the prediction, the tokens, each
+    method's raw and min-max normalized scores, the Spearman matrix, the top-k tokens, faithfulness at k."""
+    methods = list(comparison.attributions)
+    return strict_json(
+        {
+            "prediction": {"token": comparison.target_token, "probability": comparison.target_prob},
+            "tokens": comparison.tokens,
+            "methods": {
+                m: {
+                    "scores": a.scores,
+                    "normalized": comparison.normalized[m],
+                    **({"completeness_gap": a.completeness_gap} if a.completeness_gap is not None else {}),
+                }
+                for m, a in comparison.attributions.items()
+            },
+            "spearman": {"methods": methods, "rho": comparison.spearman},
+            "top_k": {m: [{"token": t, "score": s} for t, s in top] for m, top in comparison.top_k.items()},
+            "faithfulness": faithfulness,
+        }
+    )
+
+
+def evaluation_json(ev, methods) -> dict:
+    """`engine evaluate --format json` and the server's `:evaluate`: the per-method means, the agreement
+    matrices, one record per (text, method), and the failures."""
+    return strict_json(
+        {
+            "methods": list(methods),
+            "per_method": ev.per_method,
+            "agreement": ev.agreement,
+            "per_text": ev.to_records(),
+            "failures": [{"index": f.index, "method": f.method, "error": str(f.error)} for f in ev.failures],
+        }
+    )

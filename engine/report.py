@@ -33,6 +33,16 @@ SUMMARY_COLUMNS = [
 ]
 
 
+def compare_with_faithfulness(ex, text: str, methods, k_values, *, target=None, top_k: int = 3, options=None):
+    """What `engine explain` and the server's `:compare` report: `ex.compare` of the methods and the
+    seed's faithfulness of each at every k in `k_values` the text is long enough for (longer ones
+    skipped, as the seed's top-k of a short text). -> (Comparison, {method: {"k=K": {...}}})."""
+    comparison = ex.compare(text, methods, target=target, top_k=top_k, options=options)
+    ks = [k for k in k_values if k <= len(comparison.tokens)]
+    faith = {m: ex.faithfulness(text, a, ks) for m, a in comparison.attributions.items()} if ks else {}
+    return comparison, faith
+
+
 def summary_columns(ev) -> list[tuple[str, str, bool]]:
     """(key, header, higher_is_better) of the summary columns this evaluation has."""
     present = set().union(*(v.keys() for v in ev.per_method.values())) if ev.per_method else set()

@@ -35,8 +35,9 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ..jsonable import attribution_json, error_json, strict_json
-from ..methods import get, make_options
+from ..jsonable import attribution_json, comparison_json, error_json, evaluation_json, strict_json
+from ..methods import default_methods, get, make_options
+from ..report import compare_with_faithfulness
 from ..runtime import scope as call_scope
 from .metrics import ServerMetrics
 
@@ -52,9 +53,12 @@ class Instance(BaseModel):
     return_matrix: StrictBool = False
 
 
-class Parameters(BaseModel):
+class CallParameters(BaseModel):
     model_config = ConfigDict(extra="forbid")
     timeout_s: StrictFloat | StrictInt | None = Field(default=None, gt=0)
+
+
+class Parameters(CallParameters):
     return_matrix: StrictBool = False
 
 
@@ -62,6 +66,35 @@ class ExplainBody(BaseModel):
     model_config = ConfigDict(extra="forbid")
     instances: list[Instance] = Field(min_length=1)
     parameters: Parameters = Field(default_factory=Parameters)
+
+
+class CompareBody(BaseModel):
+    """`:compare`, as `ex.compare` plus the seed's faithfulness at each k the text is long enough for."""
+
+    model_config = ConfigDict(extra="forbid")
+    text: StrictStr
+    methods: list[StrictStr] | None = Field(default=None, min_length=1)
+    target: StrictInt | StrictStr | None = None
+    options: dict[str, dict] = Field(default_factory=dict)
+    top_k: StrictInt = 3
+    k_values: list[StrictInt] = Field(default_factory=lambda: [1, 3, 5])
+    parameters: CallParameters = Field(default_factory=CallParameters)
+
+
+class EvaluateBody(BaseModel):
+    """`:evaluate` of one text, as `ex.evaluate` (k may be a fraction of the text's length)."""
+
+    model_config = ConfigDict(extra="forbid")
+    text: StrictStr
+    methods: list[StrictStr] | None = Field(default=None, min_length=1)
+    options: dict[str, dict] = Field(default_factory=dict)
+    k_values: list[StrictInt | StrictFloat] = Field(default_factory=lambda: [1, 3, 5])
+    curves: StrictBool = True
+    curve_steps: StrictInt = 10
+    deletion: StrictStr = "replacement"
+    protect_target: StrictBool = True
+    agreement_k: StrictInt = 3
+    parameters: CallParameters = Field(default_factory=CallParameters)
 
 
 class HTTPError(Exception):
@@ -96,18 +129,35 @@ class Admission:
             self.reserved -= tokens
 
 
-def work_tokens(ex, instance: Instance) -> int:
-    """The tokens an instance's work computes (its clean pass and its method's items), or 0 where the
-    instance is invalid (it is answered with its error, costing nothing)."""
+def work_tokens(ex, text: str, method: str, options: dict) -> int:
+    """The tokens one attribution's work computes (its clean pass and its method's items), or 0 where it
+    is invalid (it is answered with its error, costing nothing)."""
     try:
-        spec = get(instance.method)
-        opts = make_options(instance.method, **instance.options)
-        p = dataclasses.replace(ex._prepare(0, instance.text, None), target_id=0)  # the size does not depend on it
+        spec = get(method)
+        opts = make_options(method, **options)
+        p = dataclasses.replace(ex._prepare(0, text, None), target_id=0)  # the size does not depend on it
         if spec.check_text is not None:
             spec.check_text(p, opts)
         return len(p.input_ids) + sum(w.tokens for w in spec.expand(ex.context, p, opts))
     except (ValueError, TypeError):
         return 0
+
+
+def _methods_of(body) -> list[str]:
+    return list(body.methods) if body.methods is not None else default_methods()
+
+
+def scoring_tokens(ex, body: CompareBody | EvaluateBody) -> int:
+    """The work of `:compare` / `:evaluate`: each method's attribution, then the scoring perturbations
+    (two per k, and two curves of curve_steps + 1 points each), every one a sequence of the text's
+    length (an upper bound: the clean prefix of each is reused)."""
+    methods = _methods_of(body)
+    try:
+        n = len(ex._prepare(0, body.text, None).input_ids)
+    except (ValueError, TypeError):
+        return 0
+    perturbations = 2 * len(body.k_values) + (2 * (body.curve_steps + 1) if getattr(body, "curves", False) else 0)
+    return sum(work_tokens(ex, body.text, m, body.options.get(m, {})) + perturbations * n for m in methods)
 
 
 def explain_instances(ex, body: ExplainBody) -> list[dict]:
@@ -226,31 +276,85 @@ def create_app(
         body, content_type = metrics.render()
         return Response(body, media_type=content_type)
 
-    @app.post("/v1/models/{name}:explain")
-    async def explain(name: str, request: Request):
+    async def serve_call(name: str, request: Request, schema, tokens_of, run, methods_of):
+        """One POST: 404 for another model, the body read and validated against `schema`, its work
+        (`tokens_of(body)`) admitted or refused, then `run(body)` on a worker thread under the
+        deadline, watching for the client's disconnect. `run` -> (JSON answer, per-method answers
+        for the metrics); a ValueError or TypeError it raises is the request's fault: 422."""
         start = time.monotonic()
         try:
             if name != model_name:
                 raise HTTPError(404, "ModelNotFound", f"no model {name!r}; this server serves {model_name!r}")
-            body = await _read_body(request, max_body_bytes)
-            if len(body.instances) > max_instances:
+            body = await _read_body(request, max_body_bytes, schema)
+            if isinstance(body, ExplainBody) and len(body.instances) > max_instances:
                 raise HTTPError(413, "TooManyInstances", f"{len(body.instances)} instances; at most {max_instances}")
-            tokens = sum(work_tokens(ex, inst) for inst in body.instances)
+            tokens = tokens_of(body)
             admission.admit(tokens)
         except HTTPError as err:
             metrics.request(_outcome(err.status), time.monotonic() - start)
             return error(err.status, err.kind, str(err), err.headers)
+        seconds = body.parameters.timeout_s or timeout_s
         try:
-            seconds = body.parameters.timeout_s or timeout_s
-            answers, outcome = await _run_watching_client(request, ex, body, seconds, workers, serial)
+            result, outcome = await _run_watching_client(request, lambda: run(body), seconds, workers, serial)
+        except (ValueError, TypeError) as err:
+            metrics.request("invalid", time.monotonic() - start, methods_of(body))
+            return JSONResponse(error_json(err), status_code=422)
         finally:
             admission.release(tokens)
-        metrics.request(outcome, time.monotonic() - start, body.instances, answers)
+        answer, per_method = result if result is not None else (None, None)
+        if per_method is not None and outcome == "ok":
+            if all("error" in a for a in per_method):
+                outcome = "failed"
+        metrics.request(outcome, time.monotonic() - start, methods_of(body), per_method)
         if outcome == "timeout":
             return error(504, "DeadlineExceeded", f"the request did not finish within {seconds} s; its work was purged")
         if outcome == "cancelled":
             return error(499, "ClientClosedRequest", "the client disconnected")
-        return {"model_name": model_name, "explanations": answers}
+        return answer
+
+    @app.post("/v1/models/{name}:explain")
+    async def explain(name: str, request: Request):
+        def run(body):
+            answers = explain_instances(ex, body)
+            return {"model_name": model_name, "explanations": answers}, answers
+
+        return await serve_call(
+            name,
+            request,
+            ExplainBody,
+            lambda body: sum(work_tokens(ex, i.text, i.method, i.options) for i in body.instances),
+            run,
+            lambda body: [i.method for i in body.instances],
+        )
+
+    @app.post("/v1/models/{name}:compare")
+    async def compare(name: str, request: Request):
+        def run(body):
+            comparison, faith = compare_with_faithfulness(
+                ex, body.text, _methods_of(body), body.k_values, target=body.target, top_k=body.top_k,
+                options=body.options,
+            )  # fmt: skip
+            return {"model_name": model_name, **comparison_json(comparison, faith)}, [{}] * len(comparison.attributions)
+
+        return await serve_call(name, request, CompareBody, lambda b: scoring_tokens(ex, b), run, _methods_of)
+
+    @app.post("/v1/models/{name}:evaluate")
+    async def evaluate(name: str, request: Request):
+        def run(body):
+            methods = _methods_of(body)
+            ev = ex.evaluate(
+                body.text, methods, k_values=body.k_values, curves=body.curves, curve_steps=body.curve_steps,
+                deletion=body.deletion, protect_target=body.protect_target, agreement_k=body.agreement_k,
+                method_options=body.options,
+            )  # fmt: skip
+            failed = {f.method for f in ev.failures}
+            if not ev.per_text:  # every method failed on the text: the request's fault (an empty text, ...)
+                first = ev.failures[0].error
+                raise ValueError(f"the text could not be evaluated: {first}")
+            per_method = [error_json(ValueError(m)) if m in failed else {} for m in methods]
+            return {"model_name": model_name, **evaluation_json(ev, methods)}, per_method
+
+        return await serve_call(name, request, EvaluateBody, lambda b: scoring_tokens(ex, b), run, _methods_of)
 
     return app
 
@@ -259,7 +363,8 @@ def _outcome(status: int) -> str:
     return {429: "overloaded", 504: "timeout"}.get(status, "invalid")
 
 
-async def _read_body(request, max_body_bytes: int) -> ExplainBody:
+async def _read_body(request, max_body_bytes: int, schema=None):
+    schema = schema or ExplainBody
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > max_body_bytes:
         raise HTTPError(413, "BodyTooLarge", f"the body has {declared} bytes; at most {max_body_bytes}")
@@ -273,33 +378,31 @@ async def _read_body(request, max_body_bytes: int) -> ExplainBody:
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise HTTPError(400, "MalformedJSON", f"the body is not JSON: {err}") from err
     try:
-        return ExplainBody.model_validate(data)
+        return schema.model_validate(data)
     except ValidationError as err:
         first = err.errors()[0]
         where = ".".join(str(part) for part in first["loc"]) or "body"
         raise HTTPError(422, "ValidationError", f"{where}: {first['msg']}") from err
 
 
-async def _run_watching_client(request, ex, body: ExplainBody, seconds: float, workers, serial=None):
-    """Run the instances on a worker thread under a scope with the deadline; a client that disconnects
-    cancels the scope (its queued work leaves the loop). -> (answers, outcome)."""
+async def _run_watching_client(request, work, seconds: float, workers, serial=None):
+    """Run `work()` on a worker thread under a scope with the deadline; a client that disconnects
+    cancels the scope (its queued work leaves the loop). -> (its result, outcome); None on a timeout
+    or a cancel. What else `work` raises propagates."""
     scope = call_scope.CallScope(seconds)
 
-    def work():
+    def scoped():
         with call_scope.using(scope), serial if serial is not None else contextlib.nullcontext():
-            return explain_instances(ex, body)
+            return work()
 
-    task = asyncio.get_running_loop().run_in_executor(workers, work)
+    task = asyncio.get_running_loop().run_in_executor(workers, scoped)
     while not task.done():
         done, _ = await asyncio.wait({task}, timeout=DISCONNECT_POLL_S)
         if not done and await request.is_disconnected():
             scope.cancel()
     try:
-        answers = task.result()
+        return task.result(), "ok"
     except call_scope.DeadlineExceeded:
         return None, "timeout"
     except call_scope.CallCancelled:
         return None, "cancelled"
-    if any("error" in a for a in answers):
-        return answers, "ok" if not all("error" in a for a in answers) else "failed"
-    return answers, "ok"

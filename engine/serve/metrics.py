@@ -8,6 +8,9 @@ class ServerMetrics:
     def __init__(self, ex):
         from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+        from ..methods import available_methods
+
+        self.known = set(available_methods())
         self.registry = CollectorRegistry()
         r = self.registry
         latency = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
@@ -39,14 +42,17 @@ class ServerMetrics:
             lambda: ex.loop.caches.misses
         )
 
-    def request(self, outcome: str, seconds: float, instances=None, answers=None) -> None:
+    def request(self, outcome: str, seconds: float, methods=None, answers=None) -> None:
+        """One HTTP request's outcome and latency; with `methods`, one count per instance (or per method
+        of a comparison) by its own outcome, from `answers` (None where the request got none)."""
         self.requests.labels(outcome).inc()
         self.latency.observe(seconds)
-        if instances is None:
+        if methods is None:
             return
-        for inst, answer in zip(instances, answers or [None] * len(instances), strict=True):
+        for method, answer in zip(methods, answers or [None] * len(methods), strict=True):
             kind = outcome if answer is None else ("failed" if "error" in answer else "ok")
-            self.instances.labels(inst.method if isinstance(inst.method, str) else "?", kind).inc()
+            # a label per registered method only: a client's made-up names must not grow the series
+            self.instances.labels(method if method in self.known else "unknown", kind).inc()
 
     # the engine loop's observer (called on its thread)
     def on_batch(self, batch, seconds: float) -> None:

@@ -23,6 +23,8 @@ pytest.importorskip("fastapi", reason='the server needs the serve extra: pip ins
 import uvicorn  # noqa: E402
 
 from engine import Explainer  # noqa: E402
+from engine.jsonable import comparison_json, evaluation_json  # noqa: E402
+from engine.report import compare_with_faithfulness  # noqa: E402
 from engine.serve import create_app  # noqa: E402
 
 NAME = "tiny"
@@ -179,6 +181,52 @@ def test_max_concurrent_bounds_the_requests_waiting_on_the_loop(model64):
         for t in threads:
             t.join()
     assert [r[0] for r in results] == [200] * 3
+
+
+def test_compare_and_evaluate_equal_the_facade_and_the_cli_json(model64):
+    model, tok = model64
+    ex = Explainer(model, tok)
+    text = random_texts(1, 7, 8)[0]
+    methods = ["leave_one_out", "rollout", "sliding_window"]
+    options = {"sliding_window": {"window_size": 2}}
+    comparison, faith = compare_with_faithfulness(ex, text, methods, [1, 3, 50], options=options)
+    want_compare = {"model_name": NAME, **comparison_json(comparison, faith)}
+    ev = ex.evaluate(text, methods, k_values=[1, 0.5], curve_steps=4, method_options=options)
+    want_evaluate = {"model_name": NAME, **evaluation_json(ev, methods)}
+    with serving(ex) as url:
+        body = {"text": text, "methods": methods, "options": options, "k_values": [1, 3, 50]}
+        status, got, _ = call(url, f"/v1/models/{NAME}:compare", body)
+        assert status == 200 and got == want_compare
+        assert set(got["faithfulness"]["leave_one_out"]) == {"k=1", "k=3"}  # k=50 > the text's length: skipped
+        body = {"text": text, "methods": methods, "options": options, "k_values": [1, 0.5], "curve_steps": 4}
+        status, got, _ = call(url, f"/v1/models/{NAME}:evaluate", body)
+        assert status == 200 and got == want_evaluate and got["per_text"]
+        status, got, _ = call(url, f"/v1/models/{NAME}:compare", {"text": text})  # the default methods
+        assert status == 200 and set(got["methods"]) == set(ex.compare(text).attributions)
+
+        for route, body, kind in [
+            ("compare", {"text": text, "methods": ["nosuch"]}, "ValueError"),
+            ("compare", {"text": ""}, "ValueError"),
+            ("compare", {"text": text, "options": {"rollout": {"nosuch": 1}}, "methods": ["rollout"]}, "ValueError"),
+            ("evaluate", {"text": "   ", "methods": ["rollout"]}, "ValueError"),
+            ("evaluate", {"text": text, "deletion": "nosuch"}, "ValueError"),
+            ("evaluate", {"text": text, "curve_steps": "4"}, "ValidationError"),
+            ("compare", {"texts": [text]}, "ValidationError"),
+        ]:
+            status, got, _ = call(url, f"/v1/models/{NAME}:{route}", body)
+            assert status == 422 and got["error"]["type"] == kind, (route, body, got)
+            assert "Traceback" not in json.dumps(got)
+        status, got, _ = call(url, "/v1/models/other:compare", {"text": text})
+        assert status == 404 and got["error"]["type"] == "ModelNotFound"
+        with ex.loop._step_lock:
+            status, got, _ = call(url, f"/v1/models/{NAME}:evaluate", {"text": text, "parameters": {"timeout_s": 0.3}})
+            assert status == 504 and got["error"]["type"] == "DeadlineExceeded"
+            _wait(lambda: ex.loop.pending() == 0)
+        _, text_metrics, _ = call(url, "/metrics")
+    assert 'engine_requests_total{outcome="ok"} 3.0' in text_metrics
+    assert 'engine_requests_total{outcome="invalid"} 8.0' in text_metrics
+    assert 'engine_instances_total{method="unknown",outcome="invalid"} 1.0' in text_metrics
+    assert 'engine_requests_total{outcome="timeout"} 1.0' in text_metrics
 
 
 def test_overload_is_429_at_once_and_nothing_admitted_is_lost(model64):
