@@ -5,16 +5,21 @@ with batching across requests off (`one_at_a_time`), and a direct `ex.attribute`
     python -m pytest benchmarks/bench_serve.py --benchmark-json out/bench_serve.json
     python benchmarks/summarize.py out/bench_serve.json
 
-`extra_info`: requests/s and p50 / p90 / p99 end-to-end latency (seconds) of the run.
+`extra_info`: requests/s and p50 / p90 / p99 end-to-end latency (seconds) of the run. Beside them:
+the ceiling (all 24 prompts in one `ex.attribute` call: what batching across requests could reach at
+best) and a soak (`test_soak`: `ENGINE_SOAK_S` seconds, default 120, of open-loop rollout requests at
+80 % of the capacity measured just before, each prompt made unique, every answer checked).
 """
 
 from __future__ import annotations
 
 import json
+import os
 import queue
 import threading
 import time
 import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
@@ -24,6 +29,7 @@ pytest.importorskip("fastapi")
 import uvicorn  # noqa: E402
 
 from engine import Explainer  # noqa: E402
+from engine.encoding import encode  # noqa: E402
 from engine.serve import create_app  # noqa: E402
 
 METHODS = ("leave_one_out", "rollout")
@@ -45,6 +51,10 @@ class Server:
 
 
 def _post(url, text, method) -> float:
+    return _post_answer(url, text, method)[0]
+
+
+def _post_answer(url, text, method) -> tuple[float, dict]:
     body = json.dumps({"instances": [{"text": text, "method": method}]}).encode()
     req = urllib.request.Request(
         f"{url}/v1/models/smollm2:explain", data=body, headers={"Content-Type": "application/json"}
@@ -52,8 +62,9 @@ def _post(url, text, method) -> float:
     start = time.perf_counter()
     with urllib.request.urlopen(req, timeout=600) as resp:
         answer = json.loads(resp.read())
-    assert "scores" in answer["explanations"][0], answer
-    return time.perf_counter() - start
+    (explanation,) = answer["explanations"]
+    assert "scores" in explanation, answer
+    return time.perf_counter() - start, explanation
 
 
 def _load(url, prompts, method, concurrency) -> list[float]:
@@ -128,3 +139,67 @@ def test_server(benchmark, engine, prompts, method, concurrency, one_at_a_time):
     finally:
         server.stop()
     _record(benchmark, latencies, len(prompts))
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_direct_one_call_of_all_prompts(benchmark, engine, prompts, method):
+    """The ceiling of batching across requests: every prompt's work in one call, no HTTP."""
+    benchmark.group = f"serve {method}"
+    run_once(benchmark, lambda: engine.attribute(prompts, method))
+    benchmark.extra_info.update(requests_per_s=len(prompts) / benchmark.stats.stats.median)
+
+
+def test_soak(benchmark, engine, prompts):
+    """Open-loop rollout requests at 80 % of the capacity measured first (c=16, closed loop, 48
+    requests) for ENGINE_SOAK_S seconds. Each request's text is unique (a prompt and its number), so
+    an answer given to the wrong request, lost or duplicated shows in its tokens."""
+    benchmark.group = "serve soak"
+    soak_s = float(os.environ.get("ENGINE_SOAK_S", "120"))
+    server = Server(engine)
+    try:
+        start = time.perf_counter()
+        _load(server.url, prompts * 2, "rollout", 16)
+        capacity = 2 * len(prompts) / (time.perf_counter() - start)
+        rate = 0.8 * capacity
+        n = max(1, int(soak_s * rate))
+        texts = [f"{prompts[i % len(prompts)]} {i}" for i in range(n)]
+        want = [encode(engine.tokenizer, t)[1] for t in texts]
+        results: list = [None] * n
+
+        def one(i):
+            try:
+                results[i] = _post_answer(server.url, texts[i], "rollout")
+            except Exception as err:  # counted below: a soak reports every failure, it does not stop at one
+                results[i] = err
+
+        def run():
+            with ThreadPoolExecutor(max_workers=128) as pool:
+                t0 = time.perf_counter()
+                for i in range(n):  # open loop: request i leaves at i / rate whatever the server does
+                    delay = t0 + i / rate - time.perf_counter()
+                    if delay > 0:
+                        time.sleep(delay)
+                    pool.submit(one, i)
+
+        run_once(benchmark, run)
+    finally:
+        server.stop()
+    failures = [r for r in results if not isinstance(r, tuple)]
+    answered = [r for r in results if isinstance(r, tuple)]
+    wrong = sum(isinstance(r, tuple) and r[1]["tokens"] != want[i] for i, r in enumerate(results))
+    latencies = [seconds for seconds, _ in answered]
+    third = max(1, len(latencies) // 3)
+    benchmark.extra_info.update(
+        capacity_per_s=capacity,
+        offered_per_s=rate,
+        requests=n,
+        answered=len(answered),
+        failed=len(failures),
+        wrong_answers=wrong,
+        achieved_per_s=n / benchmark.stats.stats.median,
+        p50_s=float(np.percentile(latencies, 50)),
+        p99_s=float(np.percentile(latencies, 99)),
+        p50_first_third_s=float(np.median(latencies[:third])),
+        p50_last_third_s=float(np.median(latencies[-third:])),
+    )
+    assert not failures and wrong == 0, (failures[:3], wrong)

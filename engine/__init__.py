@@ -25,4 +25,12 @@ __all__ = [
     "NonFiniteOutputError",
     "available_methods",
     "load_model",
+    "run_corpus",
 ]
+
+
+def run_corpus(*args, **kwargs):
+    """`engine run` from Python: see `engine.corpus.run_corpus` (imported on first use: pyarrow)."""
+    from .corpus import run_corpus as run
+
+    return run(*args, **kwargs)

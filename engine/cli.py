@@ -247,6 +247,25 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--format", choices=("table", "json"), default="table")
         p.add_argument("--html", metavar="FILE", help="write a self-contained HTML report")
         p.add_argument("--plots", metavar="DIR", help="write the figures (PNG) into DIR")
+    p = sub.add_parser("run", help="attribute a corpus into resumable Parquet parts")
+    p.add_argument("input", help=".txt (a text a line), .jsonl, .parquet, a folder of them, or a saved HF dataset")
+    p.add_argument("--out", required=True, metavar="DIR", help="output folder: part-NNNNN.parquet and _manifest.json")
+    p.add_argument(
+        "--methods", nargs="+", metavar="METHOD", help=f"of {available_methods()} (default: {default_methods()})"
+    )
+    p.add_argument(
+        "--options", default="{}", metavar="JSON", help='per-method options: \'{"sliding_window": {"window_size": 2}}\''
+    )
+    p.add_argument("--model", default=DEFAULT_MODEL, help=f"model name, hub id or folder (default: {DEFAULT_MODEL})")
+    p.add_argument("--backend", choices=("local", "ray"), default="local")
+    p.add_argument("--ray-address", metavar="ADDR", help="an existing Ray cluster (default: start one on this machine)")
+    p.add_argument("--workers", type=int, default=1, help="Ray actors, one Explainer each (ray backend)")
+    p.add_argument("--chunk-texts", type=int, default=64, help="texts per part (default 64)")
+    p.add_argument("--max-batch-tokens", type=int, default=None, help="token budget per batch")
+    p.add_argument("--overwrite", action="store_true", help="start over in a folder holding another job's output")
+    p.add_argument("--quiet", action="store_true", help="no progress bar, no summary")
+    p.set_defaults(func=run_job)
+
     p = sub.add_parser("serve", help="serve explanations over HTTP (needs the [serve] extra)")
     p.add_argument("--model", default=DEFAULT_MODEL, help=f"model name, hub id or folder (default: {DEFAULT_MODEL})")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
@@ -259,6 +278,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--grace-s", type=float, default=30.0, help="on SIGTERM, seconds to finish in-flight requests")
     p.set_defaults(func=serve)
     return parser
+
+
+def run_job(args) -> int:
+    from .corpus import run_corpus
+
+    try:
+        options = json.loads(args.options)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"--options is not JSON ({err})") from err
+    if not isinstance(options, dict):
+        raise ValueError('--options must be a JSON object of per-method options, e.g. {"rollout": {}}')
+    summary = run_corpus(
+        args.input,
+        args.out,
+        args.methods,
+        options=options,
+        model=args.model,
+        chunk_texts=args.chunk_texts,
+        max_batch_tokens=args.max_batch_tokens,
+        overwrite=args.overwrite,
+        progress=not args.quiet,
+        backend=args.backend,
+        ray_address=args.ray_address,
+        workers=args.workers,
+    )
+    if not args.quiet:
+        print(summary, file=sys.stderr)
+    return 0
 
 
 def serve(args) -> int:
@@ -317,6 +364,7 @@ def main(argv: list[str] | None = None) -> int:
     try:  # the command line is checked whole before any model loads
         if args.command != "serve":
             args.methods = _parse_methods(args.methods)
+        if args.command in ("explain", "compare", "evaluate"):
             args.k = _parse_k(args.k, fractions=args.command != "explain")
         if getattr(args, "text", None) is not None and not args.text.strip():
             raise UsageError("the text is empty or whitespace only")

@@ -210,6 +210,10 @@ def create_app(
         yield
         ex.loop.close()  # shutdown: the in-flight requests have finished (uvicorn's graceful period)
         workers.shutdown(wait=True)
+        # the Explainer is its owner's again: direct calls after the server stopped still run
+        ex.loop.closed = False
+        if ex.loop.observer is metrics:
+            ex.loop.observer = None
 
     def authenticate(request: Request) -> None:
         """The bearer token, where one is set (not for /health: probes carry none). A dependency, not

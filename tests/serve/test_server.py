@@ -106,6 +106,7 @@ def test_answers_equal_the_facade(model64):
         assert "regions" in window and window["regions"][0]["tokens"]
         assert empty["error"]["type"] == "ValueError" and "empty" in empty["error"]["message"]
         assert unknown["error"]["type"] == "ValueError" and "unknown method" in unknown["error"]["message"]
+    assert ex.attribute(texts[0], "rollout").scores.tolist() == rollout["scores"]  # the Explainer is usable again
 
 
 def test_sixteen_concurrent_clients_get_correct_answers(model64):
