@@ -203,3 +203,32 @@ def test_soak(benchmark, engine, prompts):
         p50_last_third_s=float(np.median(latencies[-third:])),
     )
     assert not failures and wrong == 0, (failures[:3], wrong)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_concurrency_1_overhead_paired(benchmark, engine, prompts, method):
+    """The server's cost at concurrency 1, paired: each prompt direct, then through the server, two
+    rounds, so the machine's drift between settings (which moves medians by 10 % here) cancels."""
+    benchmark.group = f"serve {method} c=1 paired"
+    server = Server(engine)
+    direct, served = [], []
+
+    def run():
+        for _ in range(2):
+            for p in prompts:
+                start = time.perf_counter()
+                engine.attribute(p, method)
+                direct.append(time.perf_counter() - start)
+                served.append(_post(server.url, p, method))
+
+    try:
+        run_once(benchmark, run)
+    finally:
+        server.stop()
+    d, s = np.array(direct), np.array(served)
+    benchmark.extra_info.update(
+        direct_p50_s=float(np.median(d)),
+        server_p50_s=float(np.median(s)),
+        median_paired_overhead_s=float(np.median(s - d)),
+        median_paired_ratio=float(np.median(s / d)),
+    )
