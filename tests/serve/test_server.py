@@ -381,3 +381,16 @@ def _up(url) -> bool:
         return call(url, "/health")[0] == 200
     except OSError:
         return False
+
+
+@pytest.mark.slow
+def test_smollm2_served_equals_the_facade():
+    ex = Explainer.from_pretrained("smollm2", progress=False)
+    text = "The Eiffel Tower is located in the city of"
+    instances = [{"text": text, "method": "leave_one_out"}, {"text": text, "method": "rollout"}]
+    with serving(ex) as url:
+        status, out, _ = explain(url, instances)
+    assert status == 200
+    for got, inst in zip(out["explanations"], instances, strict=True):
+        want = ex.attribute(text, inst["method"])  # one text per call, as the server ran it: bit for bit
+        assert got["scores"] == want.scores.tolist() and got["target_token"] == want.target_token == " Paris"
