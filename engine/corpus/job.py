@@ -13,6 +13,7 @@ from __future__ import annotations
 import itertools
 import os
 import shutil
+import sys
 import time
 from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
@@ -161,6 +162,9 @@ def run_local(
                 return
             yield k, chunk
 
+    if progress:  # before the first batch: what a resumed job found (the benchmark times this line)
+        state = f"resuming: {len(committed)} part(s) committed" if committed else "starting"
+        print(f"engine run: {state}, {total} texts, chunks of {chunk_texts}", file=sys.stderr, flush=True)
     pending = []  # (k, chunk, future), oldest first
     with ThreadPoolExecutor(max_workers=IN_FLIGHT_CHUNKS, thread_name_prefix="corpus") as pool:
 
