@@ -12,6 +12,8 @@ of the same distinct sequences would compute.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -96,3 +98,78 @@ def test_shapley_sampling_captum(benchmark, smollm2, prompts, targets, ppe, engi
     )
     benchmark.extra_info["max_relative_difference_to_engine"] = worst
     assert worst < 1e-3
+
+
+SAMPLES_PER_TOKEN = (8, 16, 32, 64, 128)
+ACCURACY_MAX_TOKENS = 14  # exact Shapley (2^n coalitions) is the yardstick: the prompts it allows
+FIGURE = Path(__file__).resolve().parent.parent / "docs" / "figures" / "shapley_accuracy.png"
+
+
+def _estimators(n: int, s: int) -> dict[str, tuple[str, dict]]:
+    """Each estimator at a budget of about `s` model evaluations per token (s * n sequences in all)."""
+    return {
+        "permutation": ("shapley_sampling", {"n_samples": s, "antithetic": False}),
+        "antithetic permutation": ("shapley_sampling", {"n_samples": max(1, s // 2), "antithetic": True}),
+        "kernel SHAP (paired)": ("kernel_shap", {"n_samples": s * n}),
+    }
+
+
+def test_accuracy_per_cost(benchmark, engine, prompts):
+    """Error against exact `shapley` on the prompts of at most 14 tokens: mean over prompts of the
+    relative L2 error and of Spearman's rho, per estimator and budget (seed 0); a table in
+    `extra_info` and a matplotlib figure in docs/figures/."""
+    from engine.metrics import spearman
+
+    ex = engine
+    short = [p for p in prompts if len(ex.tokenizer(p)["input_ids"]) <= ACCURACY_MAX_TOKENS]
+    benchmark.group = "shapley accuracy per cost"
+    table: dict[str, dict[int, dict]] = {}
+
+    def run():
+        exact = ex.attribute(short, "shapley")
+        for s in SAMPLES_PER_TOKEN:
+            for name in _estimators(1, s):
+                errors, rhos, evaluations = [], [], 0
+                for text, e in zip(short, exact, strict=True):
+                    method, options = _estimators(len(e.tokens), s)[name]
+                    a = ex.attribute(text, method, **options)
+                    errors.append(np.linalg.norm(a.scores - e.scores) / np.linalg.norm(e.scores))
+                    rhos.append(spearman(a.scores, e.scores)[0])
+                    evaluations += a.n_evaluations
+                table.setdefault(name, {})[s] = {
+                    "relative_l2": float(np.mean(errors)),
+                    "spearman": float(np.nanmean(rhos)),
+                    "evaluations": evaluations,
+                }
+
+    run_once(benchmark, run)
+    benchmark.extra_info.update(prompts=len(short), table=table)
+    _figure(table, len(short))
+    print(f"\n{len(short)} prompts of <= {ACCURACY_MAX_TOKENS} tokens; samples/token: relative L2 / Spearman")
+    for name, rows in table.items():
+        print(f"  {name:24s} " + "  ".join(f"{s}: {r['relative_l2']:.3f}/{r['spearman']:.3f}" for s, r in rows.items()))
+
+
+def _figure(table, n_prompts: int) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.4))
+    for name, rows in table.items():
+        budgets = list(rows)
+        axes[0].plot(budgets, [rows[s]["relative_l2"] for s in budgets], marker="o", label=name)
+        axes[1].plot(budgets, [rows[s]["spearman"] for s in budgets], marker="o", label=name)
+    for ax, label in zip(axes, ("relative L2 error (mean)", "Spearman rho (mean)"), strict=True):
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("model evaluations per token")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+    axes[0].set_yscale("log")
+    axes[1].legend(fontsize=8)
+    fig.suptitle(f"Shapley estimators against exact Shapley, SmolLM2, {n_prompts} prompts of <= 14 tokens", fontsize=9)
+    fig.tight_layout()
+    FIGURE.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(FIGURE, dpi=120)
+    plt.close(fig)

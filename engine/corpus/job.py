@@ -136,6 +136,32 @@ def write_part(out: Path, name: str, rows: list[dict]) -> None:
     manifests.fsync_dir(out)
 
 
+def commit_part(out: Path, manifest: dict, k: int, rows: list[dict]) -> None:
+    """Chunk k's part renamed into place, then the manifest that lists it."""
+    name = PART.format(k)
+    write_part(out, name, rows)
+    manifest["parts"][name] = {"rows": len(rows), "failures": sum(r["error"] is not None for r in rows)}
+    manifests.write(out, manifest)
+
+
+def finish(out: Path, manifest: dict, total: int, computed: int, seconds: float, tokens: int) -> RunSummary:
+    """The manifest marked complete, with the output's counts; -> the run's summary."""
+    parts = manifest["parts"].values()
+    summary = RunSummary(
+        out=str(out),
+        texts=total,
+        rows=sum(p["rows"] for p in parts),
+        failures=sum(p["failures"] for p in parts),
+        computed_texts=computed,
+        seconds=seconds,
+        tokens=tokens,
+    )
+    manifest["complete"] = True
+    manifest["summary"] = {"texts": summary.texts, "rows": summary.rows, "failures": summary.failures}
+    manifests.write(out, manifest)
+    return summary
+
+
 def run_local(
     ex,
     corpus,
@@ -172,10 +198,7 @@ def run_local(
             nonlocal computed, tokens
             k, chunk, future = pending.pop(0)
             rows, n_tokens = future.result()
-            name = PART.format(k)
-            write_part(out, name, rows)
-            manifest["parts"][name] = {"rows": len(rows), "failures": sum(r["error"] is not None for r in rows)}
-            manifests.write(out, manifest)
+            commit_part(out, manifest, k, rows)
             computed += len(chunk)
             tokens += n_tokens
             bar.update(len(chunk))
@@ -192,16 +215,7 @@ def run_local(
         while pending:
             commit_oldest()
     bar.close()
-    parts = manifest["parts"]
-    return RunSummary(
-        out=str(out),
-        texts=total,
-        rows=sum(p["rows"] for p in parts.values()),
-        failures=sum(p["failures"] for p in parts.values()),
-        computed_texts=computed,
-        seconds=time.perf_counter() - start,
-        tokens=tokens,
-    )
+    return finish(out, manifest, total, computed, time.perf_counter() - start, tokens)
 
 
 def run_corpus(

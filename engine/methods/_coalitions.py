@@ -10,7 +10,7 @@ import numpy as np
 
 from ..options import check_choice
 from ..runtime.context import ModelContext
-from ..runtime.types import ForwardOutput, Work
+from ..runtime.types import ForwardOutput, SuffixPayload, Work
 from ._base import PreparedText, perturbation_work, replaced
 
 VALUES = ("prob", "logit", "log_prob")
@@ -30,23 +30,81 @@ def value_of(out: ForwardOutput, value: str) -> float:
 
 
 class CoalitionPlan:
-    """The distinct perturbed sequences of one text's coalitions, as work (clean-prefix reuse applies:
-    a coalition runs from its first absent token over the clean text's cache)."""
+    """The distinct perturbed sequences of one text's coalitions, as work, each run once.
+
+    On a causal LM with prefix reuse the sequences share prefixes with each other, not only with the
+    clean text (coalitions replace tokens everywhere, so few share a long clean prefix). `work` lays
+    them out as a one-level prefix tree: at one split depth d, chosen to compute the fewest tokens,
+    the sequences whose first d tokens are equal (and differ from the clean text's before d) form a
+    group whose prefix cache of d tokens is built once (shared by content, like a clean cache); each
+    runs only its tokens from d. A group is made only where it saves more tokens than its cache
+    costs; every other sequence runs from its first replaced token over the clean cache."""
 
     def __init__(self, ctx: ModelContext, p: PreparedText):
         self.ctx, self.p = ctx, p
-        self.work: list[Work] = []
+        self._sequences: list[tuple[int, ...]] = []
         self._index: dict[bytes, int] = {}
+        self._work: list[Work] | None = None
 
     def of(self, present: np.ndarray) -> int:
         """Work index of the coalition `present` (bool per token)."""
         key = np.packbits(present).tobytes()
         if key not in self._index:
             absent = np.flatnonzero(~present).tolist()
-            ids = replaced(self.p.input_ids, absent, self.ctx.replacement_id)
-            self._index[key] = len(self.work)
-            self.work.append(perturbation_work(self.ctx, self.p, ids, need_prob=True))
+            self._index[key] = len(self._sequences)
+            self._sequences.append(tuple(replaced(self.p.input_ids, absent, self.ctx.replacement_id)))
+            self._work = None
         return self._index[key]
+
+    @property
+    def work(self) -> list[Work]:
+        if self._work is None:
+            seqs = self._sequences
+            if self.ctx.packs_texts and len(seqs) > 2:
+                self._work = shared_prefix_work(self.p, seqs)
+            else:
+                self._work = [perturbation_work(self.ctx, self.p, list(ids), need_prob=True) for ids in seqs]
+        return self._work
+
+
+def split_depth(clean: tuple[int, ...], seqs: list[tuple[int, ...]]) -> tuple[int, np.ndarray, np.ndarray]:
+    """The one-level prefix tree of `seqs` that computes the fewest tokens -> (depth d, whether each
+    sequence runs from d over its group's cache, each sequence's first position differing from
+    `clean`). d = 0: no group pays for its cache."""
+    n, m = len(clean), len(seqs)
+    ids = np.array(seqs, dtype=np.int64)
+    differs = ids != np.array(clean, dtype=np.int64)
+    first = np.where(differs.any(axis=1), differs.argmax(axis=1), n - 1).clip(max=n - 1)
+    # node[i, d]: the prefix-tree node of sequence i's first d tokens (equal nodes = equal prefixes)
+    node = np.zeros((m, n), dtype=np.int64)
+    for d in range(1, n):
+        _, node[:, d] = np.unique(np.stack([node[:, d - 1], ids[:, d - 1]], axis=1), axis=0, return_inverse=True)
+    best, best_d, best_grouped = 0, 0, np.zeros(m, dtype=bool)
+    for d in range(1, n):  # at least the read position stays in the suffix
+        benefits = first < d  # only those whose clean prefix is shorter than d can gain
+        if not benefits.any():
+            continue
+        keys = node[benefits, d]
+        gain = np.bincount(keys, weights=(d - first[benefits]).astype(np.float64), minlength=int(node[:, d].max()) + 1)
+        worth = gain > d  # a group saves more than its cache of d tokens costs
+        saved = float((gain[worth] - d).sum())
+        if saved > best:
+            grouped = np.zeros(m, dtype=bool)
+            grouped[np.flatnonzero(benefits)[worth[keys]]] = True
+            best, best_d, best_grouped = saved, d, grouped
+    return best_d, best_grouped, first
+
+
+def shared_prefix_work(p: PreparedText, seqs: list[tuple[int, ...]]) -> list[Work]:
+    """Each sequence as a suffix: over its group's prefix cache from the split depth, else over the
+    clean text's from its first replaced token (see `CoalitionPlan`)."""
+    d, grouped, first = split_depth(p.input_ids, seqs)
+    work = []
+    for ids, in_group, start in zip(seqs, grouped, first, strict=True):
+        prefix, start = (ids[:d], d) if in_group else (p.input_ids, int(start))
+        payload = SuffixPayload(prefix, start, ids[start:], p.target_id, True)
+        work.append(Work(("suffix",), len(ids) - start, payload))
+    return work
 
 
 def mask_bits(masks: np.ndarray, n: int) -> np.ndarray:

@@ -274,3 +274,49 @@ def test_engine_run_cli_errors_exit_2(tmp_path, model_dir):
     ]:
         done = subprocess.run([sys.executable, "-m", "engine", "run", *args], capture_output=True, text=True)
         assert done.returncode == 2 and message in done.stderr and "Traceback" not in done.stderr, done.stderr
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    """Ray on this machine, loopback only; skipped (with the sockets that break the rule) where any
+    socket of its processes is on another address."""
+    ray = pytest.importorskip("ray", reason='the Ray backend needs the ray extra: pip install -e ".[ray]"')
+    from engine.corpus.ray_job import loopback_violations, start_local_ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+    start_local_ray(num_cpus=2)
+    bad = loopback_violations()
+    if bad:
+        ray.shutdown()
+        pytest.skip(f"Ray holds sockets off loopback, so it may not run here: {'; '.join(bad[:4])}")
+    yield loopback_violations
+    ray.shutdown()
+
+
+@pytest.mark.ray
+def test_ray_backend_on_a_2_worker_local_cluster_equals_the_local_backend(tmp_path, model_dir, local_ray):
+    texts = random_texts(8, 3, 8)
+    records = [{"id": f"t{i}", "text": t} for i, t in enumerate(texts)]
+    records.insert(4, {"id": "bad", "text": ""})
+    source = tmp_path / "in.jsonl"
+    source.write_text("".join(json.dumps(r) + "\n" for r in records))
+    methods, options = ["leave_one_out", "rollout"], {"rollout": {"head_fusion": "max"}}
+    common = {"options": options, "model": str(model_dir), "chunk_texts": 2, "progress": False}
+    on_ray = run_corpus(source, tmp_path / "ray", methods, backend="ray", workers=2, **common)
+    assert not local_ray()  # the workers' sockets too, after the work
+    local = run_corpus(source, tmp_path / "local", methods, **common)
+    assert (on_ray.texts, on_ray.rows, on_ray.failures) == (local.texts, local.rows, local.failures) == (9, 18, 2)
+    a, b = read_output(tmp_path / "ray"), read_output(tmp_path / "local")
+    assert [(r["id"], r["method"]) for r in a] == [(r["id"], r["method"]) for r in b]  # each once
+    for x, y in zip(a, b, strict=True):
+        assert x["tokens"] == y["tokens"] and x["target_id"] == y["target_id"] and x["error"] == y["error"]
+    manifests = [json.loads((tmp_path / d / MANIFEST).read_text()) for d in ("ray", "local")]
+    assert manifests[0]["fingerprint"] == manifests[1]["fingerprint"] and manifests[0]["complete"]
+    assert sorted(manifests[0]["parts"]) == sorted(manifests[1]["parts"])
+    ex32 = Explainer.from_pretrained(str(model_dir), progress=False)
+    ex64 = Explainer.from_pretrained(str(model_dir), dtype="float64", progress=False)
+    good = {r["id"]: r["text"] for r in records}
+    _check_against_facade(a, good, methods, options, ex32, ex64)
+    again = run_corpus(source, tmp_path / "ray", methods, **common)  # the same job, on the local backend
+    assert again.computed_texts == 0
