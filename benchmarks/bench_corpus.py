@@ -77,7 +77,7 @@ def _peak_rss_mb(cmd) -> tuple[float, float]:
 
     def watch():
         for line in proc.stderr:
-            if line.startswith("engine run: starting") and not after_load:
+            if "engine run: starting" in line and not after_load:
                 with open(f"/proc/{proc.pid}/clear_refs", "w") as f:
                     f.write("5")  # reset the peak RSS: from here on, what the job itself holds
                 after_load.append(0.0)
@@ -89,8 +89,9 @@ def _peak_rss_mb(cmd) -> tuple[float, float]:
         if pid:
             break
         if after_load:
-            text = Path(f"/proc/{proc.pid}/status").read_text()
-            after_load[-1] = int(next(x for x in text.splitlines() if x.startswith("VmHWM")).split()[1]) / 1024
+            hwm = [x for x in Path(f"/proc/{proc.pid}/status").read_text().splitlines() if x.startswith("VmHWM")]
+            if hwm:  # a process that has exited (a zombie until reaped) has none: keep the last reading
+                after_load[-1] = int(hwm[0].split()[1]) / 1024
         time.sleep(0.05)
     proc.returncode = os.waitstatus_to_exitcode(status)
     t.join(timeout=5)

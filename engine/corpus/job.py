@@ -176,6 +176,9 @@ def run_local(
 ) -> RunSummary:
     from tqdm.auto import tqdm
 
+    if progress:  # before the first batch: what a resumed job found (the benchmark times this line)
+        state = f"resuming: {len(committed)} part(s) committed" if committed else "starting"
+        print(f"engine run: {state}, {total} texts, chunks of {chunk_texts}", file=sys.stderr, flush=True)
     start = time.perf_counter()
     bar = tqdm(total=total, unit="text", desc="attributing", disable=not progress, dynamic_ncols=True)
     computed = tokens = 0
@@ -188,9 +191,6 @@ def run_local(
                 return
             yield k, chunk
 
-    if progress:  # before the first batch: what a resumed job found (the benchmark times this line)
-        state = f"resuming: {len(committed)} part(s) committed" if committed else "starting"
-        print(f"engine run: {state}, {total} texts, chunks of {chunk_texts}", file=sys.stderr, flush=True)
     pending = []  # (k, chunk, future), oldest first
     with ThreadPoolExecutor(max_workers=IN_FLIGHT_CHUNKS, thread_name_prefix="corpus") as pool:
 
