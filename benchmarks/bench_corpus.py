@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import run_once
+from conftest import median_seconds, run_once, scaled
 
 pytest.importorskip("pyarrow")
 
@@ -30,12 +30,13 @@ from engine import Explainer, run_corpus  # noqa: E402
 from engine.corpus.manifest import MANIFEST  # noqa: E402
 
 METHODS = ["leave_one_out", "rollout"]
+N_TEXTS = scaled(480, 24)
 
 
 @pytest.fixture(scope="module")
 def corpus(prompts, tmp_path_factory):
-    texts = (prompts * 20)[:480]
-    path = tmp_path_factory.mktemp("corpus") / "480.txt"
+    texts = (prompts * 20)[:N_TEXTS]
+    path = tmp_path_factory.mktemp("corpus") / f"{N_TEXTS}.txt"
     path.write_text("\n".join(texts) + "\n")
     return texts, path
 
@@ -50,22 +51,24 @@ def test_throughput_job_against_in_memory(benchmark, smollm2, corpus, tmp_path):
     for m in METHODS:
         ex.attribute(texts, m)
     in_memory = time.perf_counter() - start
-    benchmark.group = "corpus 480 texts"
+    benchmark.group = f"corpus {N_TEXTS} texts"
     summary = run_once(
         benchmark,
         lambda: run_corpus(path, tmp_path / "out", METHODS, explainer=ex, model_name="smollm2", progress=False),
     )
-    job = benchmark.stats.stats.median
-    assert summary.rows == 960 and summary.failures == 0
+    job = median_seconds(benchmark)
+    assert summary.rows == 2 * N_TEXTS and summary.failures == 0
     benchmark.extra_info.update(
-        job_texts_per_s=480 / job, in_memory_texts_per_s=480 / in_memory, job_over_in_memory_time=job / in_memory
+        job_texts_per_s=N_TEXTS / job,
+        in_memory_texts_per_s=N_TEXTS / in_memory,
+        job_over_in_memory_time=job / in_memory,
     )
-    print(f"\n480 texts: job {job:.1f} s, in memory {in_memory:.1f} s, ratio {job / in_memory:.3f}")
+    print(f"\n{N_TEXTS} texts: job {job:.1f} s, in memory {in_memory:.1f} s, ratio {job / in_memory:.3f}")
 
 
-def _engine_run(source, out, methods, *extra):
+def _engine_run(model, source, out, methods, *extra):
     return [sys.executable, "-m", "engine", "run", str(source), "--out", str(out), "--methods", ",".join(methods),
-            *extra]  # fmt: skip
+            "--model", model, *extra]  # fmt: skip
 
 
 def _peak_rss_mb(cmd) -> tuple[float, float]:
@@ -99,18 +102,19 @@ def _peak_rss_mb(cmd) -> tuple[float, float]:
     return usage.ru_maxrss / 1024, after_load[-1]  # ru_maxrss: KiB on Linux
 
 
-def test_peak_rss_480_against_4800_texts(benchmark, prompts, tmp_path):
+def test_peak_rss_480_against_4800_texts(benchmark, prompts, model_path, tmp_path):
     benchmark.group = "corpus peak RSS"
+    sizes = scaled((480, 4800), (24, 240))
     peaks = {}
 
     def run():
-        for n in (480, 4800):
+        for n in sizes:
             path = tmp_path / f"{n}.txt"
             path.write_text("\n".join((prompts * (n // len(prompts) + 1))[:n]) + "\n")
-            peaks[n] = _peak_rss_mb(_engine_run(path, tmp_path / f"out-{n}", ["rollout"]))
+            peaks[n] = _peak_rss_mb(_engine_run(model_path, path, tmp_path / f"out-{n}", ["rollout"]))
 
     run_once(benchmark, run)
-    (whole_480, job_480), (whole_4800, job_4800) = peaks[480], peaks[4800]
+    (whole_480, job_480), (whole_4800, job_4800) = peaks[sizes[0]], peaks[sizes[1]]
     benchmark.extra_info.update(
         peak_rss_480_mb=whole_480, peak_rss_4800_mb=whole_4800, job_peak_rss_480_mb=job_480,
         job_peak_rss_4800_mb=job_4800, job_ratio=job_4800 / job_480,
@@ -120,11 +124,11 @@ def test_peak_rss_480_against_4800_texts(benchmark, prompts, tmp_path):
     assert job_4800 <= 1.1 * job_480
 
 
-def test_kill_9_to_first_new_batch(benchmark, corpus, tmp_path):
+def test_kill_9_to_first_new_batch(benchmark, corpus, model_path, tmp_path):
     benchmark.group = "corpus restart"
     _, path = corpus
     out = tmp_path / "out"
-    cmd = _engine_run(path, out, METHODS, "--chunk-texts", "24")
+    cmd = _engine_run(model_path, path, out, METHODS, "--chunk-texts", str(scaled(24, 2)))
 
     def parts() -> int:
         try:
@@ -151,7 +155,7 @@ def test_kill_9_to_first_new_batch(benchmark, corpus, tmp_path):
         t = threading.Thread(target=watch, daemon=True)
         t.start()
         committed = parts()
-        while parts() <= committed:
+        while parts() <= committed and proc.poll() is None:  # (a tiny job may finish first)
             time.sleep(0.01)
         times["first_new_part"] = time.perf_counter() - killed
         proc.send_signal(signal.SIGKILL)

@@ -18,11 +18,11 @@ from engine import Explainer, load_model
 
 
 @pytest.fixture(scope="module")
-def explainers(prompts):
+def explainers(prompts, model_path):
     torch.set_num_threads(2)
     out = {}
     for name, dtype in (("float32", torch.float32), ("bfloat16", torch.bfloat16)):
-        model, tok = load_model("smollm2", dtype=dtype)
+        model, tok = load_model(model_path, dtype=dtype)
         ex = Explainer(model, tok, progress=False)
         ex.attribute(prompts[:3], "leave_one_out")
         out[name] = ex

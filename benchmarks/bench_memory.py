@@ -33,6 +33,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import scaled
 
 SCRIPT = r"""
 import json, sys, threading, time, os
@@ -49,7 +50,7 @@ def rss():
 
 n = int(sys.argv[1])
 texts = [PROMPTS[i % len(PROMPTS)] for i in range(n)]
-ex = Explainer.from_pretrained("smollm2", progress=False)
+ex = Explainer.from_pretrained(sys.argv[3], progress=False)
 ex.attribute(PROMPTS, "leave_one_out")  # warm-up over the whole set: every batch shape it produces
 before, peak, done = rss(), [0], [False]
 batch_peak, batch_start, overall = [0], [0], [0]  # the most one batch adds; RSS between batches; peak
@@ -83,20 +84,20 @@ print(json.dumps({"texts": n, "peak_mb": top / mb, "peak_delta_mb": (top - befor
 ALLOCATORS = {"mmap": {"MALLOC_MMAP_THRESHOLD_": "131072"}, "glibc": {}}
 
 
-def _measure(n: int, allocator: str) -> dict:
+def _measure(n: int, allocator: str, model: str) -> dict:
     here = Path(__file__).parent
     env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")} | ALLOCATORS[allocator]
     out = subprocess.run(
-        [sys.executable, "-c", SCRIPT, str(n), str(here)], capture_output=True, text=True, timeout=1200, env=env
+        [sys.executable, "-c", SCRIPT, str(n), str(here), model], capture_output=True, text=True, timeout=1200, env=env
     )
     assert out.returncode == 0, out.stderr[-2000:]
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 @pytest.mark.parametrize("allocator", list(ALLOCATORS))
-@pytest.mark.parametrize("small,large", [(20, 200)])
-def test_peak_memory_does_not_grow_with_texts(small, large, allocator):
-    a, b = _measure(small, allocator), _measure(large, allocator)
+@pytest.mark.parametrize("small,large", [scaled((20, 200), (20, 60))])  # 20 texts fill the budget's batches
+def test_peak_memory_does_not_grow_with_texts(small, large, allocator, model_path):
+    a, b = _measure(small, allocator, model_path), _measure(large, allocator, model_path)
     for r in (a, b):
         print(
             f"\n[{allocator}] {r['texts']} texts: peak {r['peak_mb']:.0f} MB, +{r['peak_delta_mb']:.0f} MB over the "

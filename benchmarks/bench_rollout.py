@@ -18,15 +18,16 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import median_seconds, scaled
 
 from engine import Explainer
 from engine import reference as ref
 from kernels import rollout
 
-B, L, H = 32, 30, 9
+B, L, H = scaled(32, 2), scaled(30, 2), scaled(9, 2)
 
 
-@pytest.fixture(scope="module", params=[64, 256], ids=lambda s: f"S{s}")
+@pytest.fixture(scope="module", params=scaled([64, 256], [16]), ids=lambda s: f"S{s}")
 def attentions(request):
     torch.set_num_threads(2)
     size = request.param
@@ -46,7 +47,7 @@ def _bench(benchmark, group, fn, rounds=5):
 
 def _read_bandwidth(benchmark, size: int) -> None:
     """GB/s of attention read (B*H*S*S*L float32, once): these passes are memory-bound."""
-    benchmark.extra_info["attention_read_GB_per_s"] = B * H * size * size * L * 4 / benchmark.stats.stats.median / 1e9
+    benchmark.extra_info["attention_read_GB_per_s"] = B * H * size * size * L * 4 / median_seconds(benchmark) / 1e9
 
 
 def test_floor_read_once(benchmark, attentions):

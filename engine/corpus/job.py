@@ -244,6 +244,10 @@ def run_corpus(
     methods, options = check_job(methods, options, chunk_texts)
     if backend not in ("local", "ray"):
         raise ValueError(f"backend must be 'local' or 'ray', got {backend!r}")
+    if backend == "local" and (workers != 1 or ray_address is not None):
+        raise ValueError(
+            "workers and ray_address apply to backend='ray' (--backend ray); the local job runs one engine loop"
+        )
     corpus = open_corpus(input)
     scan = corpus.scan()  # unreadable input, duplicate ids: before any model loads
     out = Path(out)
