@@ -12,6 +12,7 @@ records (the job's fingerprint includes it, so a changed input is not resumed in
 
 from __future__ import annotations
 
+import abc
 import hashlib
 import json
 from collections.abc import Iterator
@@ -51,12 +52,15 @@ def open_corpus(path) -> Corpus:
     return readers[path.suffix](path)
 
 
-class Corpus:
+class Corpus(abc.ABC):
+    """One input format: `records` streams its records; `scan` is shared."""
+
     def __init__(self, path: Path):
         self.path = path
 
-    def records(self) -> Iterator[Record]:  # pragma: no cover - each format's own
-        raise NotImplementedError
+    @abc.abstractmethod
+    def records(self) -> Iterator[Record]:
+        """The records in input order, read as a stream."""
 
     def scan(self) -> Scan:
         """One pass over the input: readable, ids unique, the records hashed. Memory: the ids only."""
