@@ -184,22 +184,26 @@ def max_length(model, tokenizer) -> int:
 
 
 @contextlib.contextmanager
-def eager_attention(model):
-    """Run `model` with eager attention inside the block, then restore what it had.
+def attention_implementation(model, name: str):
+    """Run `model` with the attention implementation `name` inside the block, then restore what it had.
 
-    Only eager attention returns attention probabilities. transformers 5 looks the implementation
-    up in the config at every forward, so switching the model's own config is enough and is scoped
-    to this model.
+    transformers 5 looks the implementation up in the config at every forward, so switching the
+    model's own config is enough and is scoped to this model (nothing global changes).
     """
     previous = model.config._attn_implementation
-    if previous == "eager":
+    if previous == name:
         yield model
         return
-    model.set_attn_implementation("eager")
+    model.set_attn_implementation(name)
     try:
         yield model
     finally:
         model.set_attn_implementation(previous)
+
+
+def eager_attention(model):
+    """Eager attention inside the block: the only implementation that returns attention probabilities."""
+    return attention_implementation(model, "eager")
 
 
 _MODEL_LOCKS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()

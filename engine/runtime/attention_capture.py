@@ -26,7 +26,7 @@ import torch
 
 from kernels.common import fuse_heads, upcast
 
-from ..models import eager_attention
+from ..models import attention_implementation, eager_attention
 
 MAPS = ("eager", "recompute")
 _RECOMPUTE = "engine_fused_maps"
@@ -80,16 +80,6 @@ def _register_recompute() -> None:
 
 
 @contextmanager
-def _implementation(model, name: str):
-    previous = model.config._attn_implementation
-    model.set_attn_implementation(name)
-    try:
-        yield
-    finally:
-        model.set_attn_implementation(previous)
-
-
-@contextmanager
 def fused_attention(model, head_fusion: str, sink, maps: str = "eager"):
     if maps not in MAPS:
         raise ValueError(f"maps must be one of {list(MAPS)}, got {maps!r}")
@@ -99,7 +89,7 @@ def fused_attention(model, head_fusion: str, sink, maps: str = "eager"):
         for layer, (module, _) in enumerate(modules):
             setattr(module, _CAPTURE, (layer, head_fusion, sink))
         try:
-            with _implementation(model, _RECOMPUTE):
+            with attention_implementation(model, _RECOMPUTE):
                 yield len(modules)
         finally:
             for module, _ in modules:

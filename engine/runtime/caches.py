@@ -10,9 +10,8 @@ Only the engine loop's thread touches it.
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
-from .forward import packed_clean_caches
 from .types import SuffixPayload, WorkItem
 
 
@@ -42,13 +41,13 @@ class PrefixCaches:
         for key in keys:
             self._caches.pop(key, None)
 
-    def get(self, model, keys: list[tuple[int, ...]], row_capacity: int) -> list[list]:
-        """The caches of `keys`, building the missing ones in one packed forward."""
+    def get(self, keys: list[tuple[int, ...]], build: Callable[[list], list]) -> list[list]:
+        """The caches of `keys`, building the missing ones with `build(missing ids)` (one packed forward)."""
         missing = [key for key in keys if key not in self._caches]
         self.hits += len(keys) - len(missing)
         self.misses += len(missing)
         if missing:
-            built = packed_clean_caches(model, missing, row_capacity)
+            built = build(missing)
             self._caches.update(zip(missing, built, strict=True))
         return [self._caches[key] for key in keys]
 

@@ -19,6 +19,7 @@ class ModelContext:
     reads_first_token: bool  # a classifier that reads position 0 (BERT's [CLS]); else the last position
     prefix_reuse: bool  # causal-LM perturbations run over clean prefix caches (packed rows)
     row_capacity: int  # tokens per packed row
+    cascade: bool  # packed suffixes and texts run on cascade attention (`runtime.cascade`), not dense rows
     attention_maps: str  # "eager" or "recompute" (`runtime.attention_capture`)
 
     @property

@@ -145,13 +145,6 @@ def clean_cache(model, ids: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tens
     return [(layer.keys, layer.values) for layer in output_cache(out).layers]
 
 
-def packed_clean_caches(model, texts: list[tuple[int, ...]], row_capacity: int) -> list[list]:
-    """`clean_cache` of several texts from one packed forward (each text a suffix starting at 0)."""
-    suffixes = [Suffix(0, 0, ids) for ids in texts]
-    _, caches = packed_suffix_forward(model, [], suffixes, row_capacity, return_caches=True)
-    return caches
-
-
 def packed_suffix_forward(
     model,
     caches,

@@ -1,9 +1,12 @@
 """How packed perturbation batches are laid out, and what a batch costs against the token budget.
 
-Causal-LM suffixes (and whole texts) are packed end to end into rows; each row carries the cached
-prefixes of the texts it serves. `RowLayout.of` is the one layout, used both by the forward that runs
-it (`forward.packed_suffix_forward`) and by the scheduler's `batch_cost`, which prices a batch as the
-padded key columns it will hold: rows x (prefix columns + query columns).
+Causal-LM suffixes (and whole texts) are packed end to end. Two layouts, each used both by the forward
+that runs it and by the scheduler's `batch_cost`:
+- `RowLayout` (`forward.packed_suffix_forward`, dense attention with a 4-D mask): rows of suffixes,
+  each row carrying the cached prefixes of the texts it serves; a batch costs the padded key columns
+  it holds, rows x (prefix columns + query columns);
+- `CascadeLayout` (`cascade.cascade_forward`, cascade attention): one row of every suffix, the
+  prefixes read once; a batch costs its query tokens plus the prefix positions they read.
 """
 
 from __future__ import annotations
@@ -113,6 +116,42 @@ class RowLayout:
         return len(self.rows) * (self.prefix_width + self.query_width)
 
 
+@dataclass
+class CascadeLayout:
+    """How `cascade.cascade_forward` lays suffixes out: every suffix's tokens end to end in one packed
+    row, grouped by the text whose prefix they extend, and the prefixes they read concatenated once
+    for the whole batch (`kernels.cascade_attention`: no copy per row, no padding)."""
+
+    order: list[int]  # suffix indices in row order (a text's suffixes adjacent)
+    columns: list[int]  # per suffix index: the row column of its first token
+    prefix_offsets: dict[int, int]  # text -> its first column among the concatenated prefixes
+    prefix_lengths: dict[int, int]  # text -> cached positions read: the largest start of its suffixes
+    query_tokens: int  # the row's length
+
+    @classmethod
+    def of(cls, suffixes: list[Suffix]) -> CascadeLayout:
+        order = sorted(range(len(suffixes)), key=lambda i: suffixes[i].text)  # stable: submission order within
+        columns = [0] * len(suffixes)
+        lengths: dict[int, int] = {}
+        at = 0
+        for i in order:
+            s = suffixes[i]
+            columns[i] = at
+            at += len(s.ids)
+            if s.start:
+                lengths[s.text] = max(lengths.get(s.text, 0), s.start)
+        offsets, offset = {}, 0
+        for t, n in lengths.items():
+            offsets[t] = offset
+            offset += n
+        return cls(order, columns, offsets, lengths, at)
+
+    @property
+    def padded_tokens(self) -> int:
+        """Tokens the batch holds per layer: its queries and the prefix positions they read."""
+        return self.query_tokens + sum(self.prefix_lengths.values())
+
+
 def suffixes_over_caches(payloads: list[SuffixPayload]) -> tuple[list[tuple[int, ...]], list[Suffix]]:
     """The batch's distinct clean texts (prefix-cache keys) in first-seen order, and each payload as a
     `Suffix` over the cache slot of its text in that order."""
@@ -126,14 +165,16 @@ def whole_texts(payloads: list[FullPayload]) -> list[Suffix]:
     return [Suffix(0, 0, p.ids) for p in payloads]
 
 
-def batch_cost(group, items: list[WorkItem], row_capacity: int) -> int:
+def batch_cost(group, items: list[WorkItem], row_capacity: int, cascade: bool = False) -> int:
     """Padded tokens of a batch as it will be laid out: packed rows hold their texts' cached prefixes
-    and their suffixes end to end; other kinds stack equal lengths (or price their own items), so
-    they cost their tokens."""
+    and their suffixes end to end; with `cascade`, one row holds every suffix and the prefixes they
+    read once; other kinds stack equal lengths (or price their own items), so they cost their tokens."""
     payloads = [item.payload for item in items]
     if group[0] == "suffix":
         keys, suffixes = suffixes_over_caches(payloads)
+        if cascade:
+            return CascadeLayout.of(suffixes).padded_tokens
         return RowLayout.of(suffixes, [len(key) for key in keys], row_capacity).padded_tokens
-    if group[0] == "packed":
+    if group[0] == "packed" and not cascade:
         return RowLayout.of(whole_texts(payloads), [], row_capacity).padded_tokens
     return sum(item.tokens for item in items)

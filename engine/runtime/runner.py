@@ -24,9 +24,10 @@ import torch
 
 from ..models import exclusive_eval
 from .caches import PrefixCaches
+from .cascade import cascade_forward
 from .context import ModelContext
 from .forward import full_forward, head_logits, packed_suffix_forward, score_logits
-from .layout import batch_cost, suffixes_over_caches, whole_texts
+from .layout import Suffix, batch_cost, suffixes_over_caches, whole_texts
 from .types import Batch, ForwardOutput, FullPayload, SuffixPayload
 
 
@@ -77,7 +78,7 @@ class ModelRunner:
         self._warned_oom = False
 
     def batch_cost(self, group, items) -> int:
-        return batch_cost(group, items, self.context.row_capacity)
+        return batch_cost(group, items, self.context.row_capacity, self.context.cascade)
 
     def execute(self, batch: Batch, caches: PrefixCaches) -> list:
         """One output per item of `batch`, in item order."""
@@ -149,18 +150,27 @@ class ModelRunner:
         kind = self.context.kind
         return self._outputs(full_forward(self.model, kind, ids, ids.shape[1] - 1, targets, need_prob, zeroed))
 
+    def _packed_forward(self, prefixes, suffixes: list[Suffix], return_caches: bool = False):
+        """Suffixes over prefix caches (or whole texts) packed end to end: with cascade attention (one
+        row, each prefix read once) or as rows with a dense 4-D mask (`context.cascade`)."""
+        if self.context.cascade:
+            return cascade_forward(self.model, prefixes, suffixes, return_caches)
+        return packed_suffix_forward(self.model, prefixes, suffixes, self.context.row_capacity, return_caches)
+
+    def build_caches(self, texts: list[tuple[int, ...]]) -> list[list]:
+        """The clean caches of `texts` from one packed forward (each text a suffix starting at 0)."""
+        return self._packed_forward([], [Suffix(0, 0, ids) for ids in texts], return_caches=True)[1]
+
     @torch.no_grad()
     def _run_packed(self, payloads: list[FullPayload]) -> list[ForwardOutput]:
         """Whole sequences of any lengths packed end to end (causal LMs): no padding, no length groups."""
-        hidden = packed_suffix_forward(self.model, [], whole_texts(payloads), self.context.row_capacity)
-        return self._scored(hidden, payloads)
+        return self._scored(self._packed_forward([], whole_texts(payloads)), payloads)
 
     @torch.no_grad()
     def _run_suffixes(self, payloads: list[SuffixPayload], caches: PrefixCaches) -> list[ForwardOutput]:
         keys, suffixes = suffixes_over_caches(payloads)
-        prefixes = caches.get(self.model, keys, self.context.row_capacity)
-        hidden = packed_suffix_forward(self.model, prefixes, suffixes, self.context.row_capacity)
-        return self._scored(hidden, payloads)
+        prefixes = caches.get(keys, self.build_caches)
+        return self._scored(self._packed_forward(prefixes, suffixes), payloads)
 
     def _scored(self, hidden, payloads) -> list[ForwardOutput]:
         need_prob = any(p.need_prob for p in payloads)

@@ -87,15 +87,16 @@ def test_faithfulness_batched_equals_reference(budget):
         assert_within_fp32_noise(faithfulness_values(got), faithfulness_values(exact), faithfulness_values(fp32))
 
 
+@pytest.mark.parametrize("cascade", [True, False], ids=["cascade", "rows"])
 @pytest.mark.parametrize("family_name", ["llama", "gpt2"])
-def test_prefix_reuse_equals_full_recompute(family_name):
+def test_prefix_reuse_equals_full_recompute(family_name, cascade):
     model_fn, tok_fn = FAMILIES[family_name]
     model, tok = model_fn(), tok_fn()
     refs = References(model)
     texts = random_texts(8, 1, 14)
-    reuse = Explainer(model, tok, max_batch_tokens=40, row_capacity=9)
+    reuse = Explainer(model, tok, max_batch_tokens=40, row_capacity=9, cascade_attention=cascade)
     full = Explainer(model, tok, prefix_reuse=False, max_batch_tokens=40)
-    assert reuse.prefix_reuse and not full.prefix_reuse
+    assert reuse.prefix_reuse and not full.prefix_reuse and reuse.context.cascade == cascade
     for method, opts in (("leave_one_out", {}), ("sliding_window", {"window_size": 1})):
         for ex in (reuse, full):
             got, exact, fp32 = [], [], []
@@ -110,7 +111,7 @@ def test_suffix_batches_hold_at_most_the_budget_in_padded_tokens(budget, row):
     """The budget bounds what a batch holds: rows x (cached prefix columns + query columns), read off
     the 4-D masks the model actually receives (a lone item larger than the budget runs alone)."""
     model, tok = tiny_llama(), make_tokenizer()
-    ex = Explainer(model, tok, max_batch_tokens=budget, row_capacity=row)
+    ex = Explainer(model, tok, max_batch_tokens=budget, row_capacity=row, cascade_attention=False)
     seen = []
 
     def record(module, args, kwargs):
@@ -127,6 +128,35 @@ def test_suffix_batches_hold_at_most_the_budget_in_padded_tokens(budget, row):
     for padded, positions in seen:
         lone = int((positions[:, 1:] <= positions[:, :-1]).sum()) == 0 and positions.shape[0] == 1
         assert padded <= budget or lone, (padded, budget)
+
+
+@pytest.mark.parametrize("budget", [40, 64, 300])
+def test_cascade_batches_hold_at_most_the_budget(budget):
+    """With cascade attention a batch holds its query tokens and the prefix positions they read, read
+    off the forward the model actually runs (the row's length, the concatenated prefixes' length)."""
+    from engine.runtime.attention_capture import attention_modules
+    from engine.runtime.cascade import _STATE
+
+    model, tok = tiny_llama(), make_tokenizer()
+    ex = Explainer(model, tok, max_batch_tokens=budget)
+    assert ex.context.cascade
+    seen = []
+
+    def record(module, args, kwargs):
+        plan = getattr(attention_modules(model)[0][0], _STATE)[1]
+        if plan.prefix_kv is not None:  # a suffix batch over prefix caches
+            positions = kwargs["position_ids"][0]
+            seen.append((positions.numel() + plan.prefix_kv[0][0].shape[1], positions))
+
+    handle = model.base_model.register_forward_pre_hook(record, with_kwargs=True)
+    try:
+        ex.attribute(random_texts(9, 3, 16), "leave_one_out")
+    finally:
+        handle.remove()
+    assert len(seen) > 1
+    for held, positions in seen:
+        lone = bool((positions[1:] == positions[:-1] + 1).all())  # one suffix, over the budget alone
+        assert held <= budget or lone, (held, budget)
 
 
 def test_classifiers_recompute_in_full():
@@ -155,19 +185,20 @@ def test_leave_one_out_equals_captum_feature_ablation(family):
         assert_matches_reference(a.scores, refs, captum, what=name)
 
 
-def test_out_of_memory_halves_the_batch_and_warns_once(llama):
+@pytest.mark.parametrize("cascade", [True, False], ids=["cascade", "rows"])
+def test_out_of_memory_halves_the_batch_and_warns_once(llama, cascade):
     model, tok = llama
     texts = random_texts(4, 4, 10)
 
-    # a real fault at the model's entry: any forward over more than 6 rows runs out of memory
+    # a real fault at the model's entry: any forward over more than 12 tokens runs out of memory
     def fail_on_big_batches(module, args, kwargs):
         ids = kwargs.get("input_ids")
-        if ids is not None and ids.shape[0] > 6:
+        if ids is not None and ids.numel() > 12:
             raise torch.OutOfMemoryError("CUDA out of memory (injected by the test)")
 
     handle = model.base_model.register_forward_pre_hook(fail_on_big_batches, with_kwargs=True)
     try:
-        ex_small_rows = Explainer(model, tok, max_batch_tokens=10_000, row_capacity=2)
+        ex_small_rows = Explainer(model, tok, max_batch_tokens=10_000, row_capacity=2, cascade_attention=cascade)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             got = ex_small_rows.attribute(texts, "leave_one_out")
@@ -215,16 +246,18 @@ def test_bad_budgets(llama):
     assert type(ex.loop.scheduler.max_batch_tokens) is int and ex.loop.scheduler.max_batch_size == 3
 
 
+@pytest.mark.parametrize("cascade", [True, False], ids=["cascade", "rows"])
 @pytest.mark.parametrize("family_name", ["llama", "gpt2"])
-def test_packed_clean_caches_equal_one_text_caches(family_name):
-    from engine.runtime.forward import clean_cache, packed_clean_caches
+def test_packed_clean_caches_equal_one_text_caches(family_name, cascade):
+    from engine.runtime.forward import clean_cache
 
     model_fn, tok_fn = FAMILIES[family_name]
     model, tok = model_fn(), tok_fn()
     refs = References(model)
+    runner = Explainer(model, tok, row_capacity=10, cascade_attention=cascade).loop.runner
     texts = [tuple(tok(t)["input_ids"]) for t in random_texts(5, 1, 12)]
     with torch.no_grad():
-        packed = packed_clean_caches(model, texts, row_capacity=10)
+        packed = runner.build_caches(texts)
         for ids, layers in zip(texts, packed, strict=True):
             exact, fp32 = refs(clean_cache, torch.tensor(ids))  # one text alone: [(keys, values)] per layer
             assert_within_fp32_noise([list(kv) for kv in layers], [list(kv) for kv in exact], [list(kv) for kv in fp32])
