@@ -6,7 +6,10 @@ reference loop and Captum, in one run.
 
 Conditions: CPU, float32, torch threads = 2, the 24 prompts of `prompts.py` (8 to 56 tokens), one
 round per measurement after a warm-up call (each call is seconds long). Captum runs each prompt with
-the same target and replacement token as the engine.
+the same target and replacement token as the engine. The engine runs with its defaults (cascade
+attention); `*_variant` runs it as the earlier layout ("rows": packed rows with a dense 4-D mask; IG
+"stacked": steps of equal-length texts only) and with `compile=True` ("compiled"; its warm-up call,
+which compiles, is timed into `extra_info["compile_seconds"]`).
 Units: attributions/s = prompts / time. Achieved GFLOP/s = FLOPs the method needs / time, where a
 perturbation needs 2 x (non-embedding parameters) per recomputed token, 4 x d_attn x keys per
 query token per layer for attention, and one LM-head row (2 x d x vocab) per perturbation; the engine
@@ -14,6 +17,8 @@ recomputes only from the first changed token (prefix reuse), so that is the coun
 """
 
 from __future__ import annotations
+
+import time
 
 import pytest
 import torch
@@ -59,6 +64,22 @@ def _engine(smollm2, **kwargs):
     return ex
 
 
+# the engine's other settings, against its defaults in the same run
+VARIANTS = {"rows": {"cascade_attention": False}, "compiled": {"compile": True}}
+
+
+def _variant(benchmark, smollm2, prompts, variant: str, warm_up) -> Explainer:
+    """An Explainer with `VARIANTS[variant]`, warmed up by `warm_up(ex)` on the prompts themselves (a
+    compiled engine compiles there: that time is reported, not timed)."""
+    model, tok = smollm2
+    ex = Explainer(model, tok, progress=False, **VARIANTS[variant])
+    start = time.perf_counter()
+    warm_up(ex)
+    key = "compile_seconds" if variant == "compiled" else "warm_up_seconds"
+    benchmark.extra_info[key] = time.perf_counter() - start
+    return ex
+
+
 # --------------------------------------------------------------------------------------- leave-one-out
 
 
@@ -78,6 +99,13 @@ def test_loo_engine(benchmark, smollm2, prompts, matmul_peak, max_batch_tokens):
         peak_fraction=gflops / matmul_peak,
         attributions_per_s=len(prompts) / seconds,
     )
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_loo_variant(benchmark, smollm2, prompts, variant):
+    ex = _variant(benchmark, smollm2, prompts, variant, lambda ex: ex.attribute(prompts, "leave_one_out"))
+    benchmark.group = "leave_one_out"
+    assert all(run_once(benchmark, lambda: ex.attribute(prompts, "leave_one_out")))
 
 
 def test_loo_reference_loop(benchmark, smollm2, prompts):
@@ -119,6 +147,14 @@ def test_sliding_engine(benchmark, smollm2, prompts, matmul_peak):
     )
 
 
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_sliding_variant(benchmark, smollm2, prompts, variant):
+    run = lambda ex: ex.attribute(prompts, "sliding_window", window_size=3)  # noqa: E731
+    ex = _variant(benchmark, smollm2, prompts, variant, run)
+    benchmark.group = "sliding_window"
+    assert all(run_once(benchmark, lambda: run(ex)))
+
+
 @pytest.mark.parametrize("ppe", (8, 64))
 def test_sliding_captum(benchmark, smollm2, prompts, targets, ppe):
     from captum.attr import Occlusion
@@ -147,6 +183,17 @@ def test_ig_engine(benchmark, smollm2, prompts):
     results = run_once(benchmark, lambda: ex.attribute(prompts, "integrated_gradients", n_steps=IG_STEPS))
     gaps = sorted(abs(a.completeness_gap) for a in results)
     benchmark.extra_info.update(median_abs_completeness_gap=gaps[len(gaps) // 2])
+
+
+IG_VARIANTS = {"stacked": "rows", "compiled": "compiled"}  # IG without cascade attention: equal lengths stacked
+
+
+@pytest.mark.parametrize("variant", list(IG_VARIANTS))
+def test_ig_variant(benchmark, smollm2, prompts, variant):
+    run = lambda ex, steps=IG_STEPS: ex.attribute(prompts, "integrated_gradients", n_steps=steps)  # noqa: E731
+    ex = _variant(benchmark, smollm2, prompts, IG_VARIANTS[variant], lambda ex: run(ex, 4))
+    benchmark.group = "integrated_gradients"
+    assert all(run_once(benchmark, lambda: run(ex)))
 
 
 @pytest.mark.parametrize("internal_batch_size", IG_INTERNAL)

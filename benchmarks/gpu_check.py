@@ -103,6 +103,34 @@ def kernel_timings() -> dict:
     }.items():
         seconds = _time_cuda(fn)
         out[name] = {"seconds": seconds, "read_GB_per_s": read / seconds / 1e9}
+    out.update(cascade_timings())
+    return out
+
+
+def cascade_timings(budget: int = 32768) -> dict:
+    """Cascade attention on one layer of a leave-one-out batch of the GPU's default budget (SmolLM2's
+    heads), the Triton kernels against the torch path; bandwidth = queries, own and prefix K/V read once."""
+    import torch
+    from bench_cascade_attention import loo_batch
+
+    from engine.runtime.cascade import cascade_intervals
+    from engine.runtime.layout import CascadeLayout
+    from kernels.cascade_attention import cascade_attention
+
+    suffixes, lengths = loo_batch(budget)
+    plan = CascadeLayout.of(suffixes)
+    intervals = cascade_intervals(suffixes, plan, {"full_attention": None}, "cuda")[0]["full_attention"]
+    n, p = plan.query_tokens, sum(plan.prefix_lengths.values())
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    q = torch.randn(9, n, 64, device="cuda", generator=gen)
+    k, v = (torch.randn(3, n, 64, device="cuda", generator=gen) for _ in range(2))
+    pk, pv = (torch.randn(3, p, 64, device="cuda", generator=gen) for _ in range(2))
+    read = (q.numel() + 2 * k.numel() + 2 * pk.numel()) * 4
+    out = {}
+    with torch.no_grad():
+        for backend in ("torch", "triton"):
+            seconds = _time_cuda(lambda b=backend: cascade_attention(q, k, v, intervals, pk, pv, backend=b))
+            out[f"cascade_attention {backend}"] = {"seconds": seconds, "read_GB_per_s": read / seconds / 1e9}
     return out
 
 

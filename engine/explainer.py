@@ -72,6 +72,7 @@ class Explainer:
         prefix_reuse: bool = True,
         row_capacity: int = 256,
         cascade_attention: bool = True,
+        compile: bool = False,
         progress: bool | None = None,
         attention_maps: str | None = None,
         max_request_share: float | None = 0.5,
@@ -82,7 +83,9 @@ class Explainer:
         prefix cache (classifiers always recompute in full); `row_capacity`: tokens per packed row of
         suffixes (dense rows only); `cascade_attention`: packed perturbations and texts run on cascade
         attention (one row, each cached prefix read once: `runtime.cascade`) instead of rows with a
-        dense 4-D mask; `progress`: a tqdm bar (default: on for 16 texts or more); `attention_maps`: how
+        dense 4-D mask; `compile`: the decoder layers' MLPs and norms run through `torch.compile`
+        (element-wise work fused; the first batches pay the compilation: `runtime.compiled`);
+        `progress`: a tqdm bar (default: on for 16 texts or more); `attention_maps`: how
         `raw_attention` and `rollout` get attention maps, "eager" (eager attention, heads fused by hooks
         as each layer returns them) or "recompute" (the model keeps SDPA; `kernels.attention_probs`
         recomputes the fused maps from queries and keys), default "recompute" on CUDA, "eager" else;
@@ -108,8 +111,9 @@ class Explainer:
             max_batch_tokens = DEFAULT_GPU_BATCH_TOKENS if on_gpu else DEFAULT_CPU_BATCH_TOKENS
         max_batch_tokens = check_int("max_batch_tokens", max_batch_tokens, minimum=1)
         row_capacity = check_int("row_capacity", row_capacity, minimum=1)
-        if not isinstance(cascade_attention, bool):
-            raise TypeError(f"cascade_attention must be a bool, got {cascade_attention!r}")
+        for name, flag in (("cascade_attention", cascade_attention), ("compile", compile)):
+            if not isinstance(flag, bool):
+                raise TypeError(f"{name} must be a bool, got {flag!r}")
         if max_batch_size is not None:
             max_batch_size = check_int("max_batch_size", max_batch_size, minimum=1)
         from .runtime.attention_capture import MAPS
@@ -129,7 +133,8 @@ class Explainer:
             reads_first_token=self.kind == CLASSIFIER and classifier_reads_first_token(model),
             prefix_reuse=self.prefix_reuse,
             row_capacity=row_capacity,
-            cascade=self.prefix_reuse and bool(cascade_attention),
+            cascade=self.prefix_reuse and cascade_attention,
+            compile=compile,
             attention_maps=attention_maps,
         )
         self.loop = EngineLoop(ModelRunner(self.context), max_batch_tokens, max_batch_size, max_request_share)

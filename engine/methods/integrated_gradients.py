@@ -1,8 +1,9 @@
 """Integrated gradients on the input embeddings (Sundararajan et al. 2017), with Captum's step rules.
 
 Each text expands into one work item per step (and one for f(baseline), for the completeness gap):
-a forward and backward at baseline + alpha (x - baseline), batched with steps of texts of the same
-length. The step rule, the baseline and the per-token contribution are stated here once; the
+a forward and backward at baseline + alpha (x - baseline), batched with the steps of other texts:
+packed end to end into one row on cascade attention (causal LMs), else stacked with the steps of
+texts of the same length. The step rule, the baseline and the per-token contribution are stated here once; the
 reference (`engine.reference.integrated_gradients`) uses the same three.
 """
 
@@ -16,7 +17,9 @@ import torch
 from kernels.common import upcast
 
 from ..options import check_choice, check_int, normalize
-from ..runtime.forward import read_logits
+from ..runtime.cascade import cascade_forward
+from ..runtime.forward import head_logits, read_logits
+from ..runtime.layout import Suffix
 from ..runtime.runner import frozen_weights
 from ..runtime.types import CallPayload, Work, call_group
 from . import register
@@ -94,32 +97,65 @@ class _Step:
     baseline: str
 
 
-def run_steps(ctx, steps: list[_Step]) -> list[tuple[np.ndarray, float]]:
-    """Each step's per-token contribution w * (grad . (x - x0)) and the target logit at the point."""
+def _step_points(ctx, steps: list[_Step]):
+    """Per step: the input's embeddings x, the baseline's, and the point baseline + alpha (x - baseline),
+    (n, hidden) each, without gradients."""
     model = ctx.model
-    device = model.device
     with torch.no_grad():
-        ids = torch.tensor([s.ids for s in steps], device=device)
-        x = model.get_input_embeddings()(ids)
-        base = baseline_embeddings(model, ids, steps[0].baseline, ctx.replacement_id)
-        alphas = torch.tensor([s.alpha for s in steps], device=device, dtype=x.dtype)[:, None, None]
-        points = base + alphas * (x - base)
-    targets = torch.tensor([s.target for s in steps], device=device)
+        x = [model.get_input_embeddings()(torch.tensor(s.ids, device=model.device)) for s in steps]
+        base = [baseline_embeddings(model, torch.tensor(s.ids, device=model.device), s.baseline, ctx.replacement_id)
+                for s in steps]  # fmt: skip
+        points = [b + s.alpha * (e - b) for s, e, b in zip(steps, x, base, strict=True)]
+    return x, base, points
+
+
+def _outputs(steps: list[_Step], grads: list, x: list, base: list, target_logits) -> list[tuple[np.ndarray, float]]:
+    return [
+        ((s.weight * contributions(g, e, b)).cpu().numpy(), logit)
+        for s, g, e, b, logit in zip(steps, grads, x, base, target_logits.detach().tolist(), strict=True)
+    ]
+
+
+def run_steps(ctx, steps: list[_Step]) -> list[tuple[np.ndarray, float]]:
+    """Each step's per-token contribution w * (grad . (x - x0)) and the target logit at the point:
+    steps of equal length stacked (classifiers; causal LMs without cascade attention)."""
+    model = ctx.model
+    x, base, points = _step_points(ctx, steps)
+    points = torch.stack(points)
+    targets = torch.tensor([s.target for s in steps], device=model.device)
     with frozen_weights(model), torch.enable_grad():
         points.requires_grad_(True)
         logits = read_logits(model, ctx.kind, {"inputs_embeds": points}, -1)
         target_logits = logits.gather(-1, targets[:, None])[:, 0]
         (grads,) = torch.autograd.grad(target_logits.sum(), points)
-    per_token = contributions(grads, x, base)
-    weights = torch.tensor([s.weight for s in steps], device=device, dtype=per_token.dtype)[:, None]
-    contrib = weights * per_token
-    return list(zip(contrib.cpu().numpy(), target_logits.detach().tolist(), strict=True))
+    return _outputs(steps, list(grads), x, base, target_logits)
+
+
+def run_packed_steps(ctx, steps: list[_Step]) -> list[tuple[np.ndarray, float]]:
+    """As `run_steps`, for the steps of texts of any lengths packed end to end into one row (causal
+    LMs with cascade attention: each step attends to itself only, so short texts fill a batch too)."""
+    model = ctx.model
+    x, base, points = _step_points(ctx, steps)
+    targets = torch.tensor([s.target for s in steps], device=model.device)
+    whole = [Suffix(0, 0, s.ids) for s in steps]
+    with frozen_weights(model), torch.enable_grad():
+        for point in points:
+            point.requires_grad_(True)
+        hidden = cascade_forward(model, [], whole, embeds=points)
+        target_logits = head_logits(model, hidden).gather(-1, targets[:, None])[:, 0]
+        grads = torch.autograd.grad(target_logits.sum(), points)
+    return _outputs(steps, list(grads), x, base, target_logits)
 
 
 def expand(ctx, p, opts: IntegratedGradientsOptions) -> list[Work]:
     alphas, weights = ig_steps(opts.n_steps, opts.ig_method)
     n = len(p.input_ids)
-    group = call_group(run_steps, n, opts.baseline)
+    # packed steps share rows: one text's non-finite values may reach another's (`runner.shares_rows`)
+    group = (
+        call_group(run_packed_steps, opts.baseline, shares_rows=True)
+        if ctx.cascade
+        else call_group(run_steps, n, opts.baseline)
+    )
     steps = [_Step(p.input_ids, a, w, p.target_id, opts.baseline) for a, w in zip(alphas, weights, strict=True)]
     steps.append(_Step(p.input_ids, 0.0, 0.0, p.target_id, opts.baseline))  # f(baseline), for the gap
     return [Work(group, n, CallPayload(s)) for s in steps]

@@ -88,9 +88,15 @@ def cascade_scope(model, plan: CascadePlan):
                 delattr(module, _STATE)
 
 
-def _intervals(model, suffixes: list[Suffix], plan: CascadeLayout, device) -> tuple[dict, torch.Tensor]:
-    """Per layer type, each query's own and (where any suffix reads a prefix) prefix intervals, in row
-    order; and each query's position."""
+def layer_windows(model) -> dict[str, int | None]:
+    """Each attention layer type of `model` and its sliding window (None for full attention)."""
+    window = getattr(model.config, "sliding_window", None)
+    return {kind: int(window) if kind == SLIDING else None for kind in attention_layer_types(model)}
+
+
+def cascade_intervals(suffixes: list[Suffix], plan: CascadeLayout, windows: dict[str, int | None], device="cpu"):
+    """Per layer type (`windows`: type -> sliding window or None), each query's own and (where any
+    suffix reads a prefix) prefix intervals, in row order; and each query's position."""
     own_lo, prefix_lo, prefix_hi, positions, texts = [], [], [], [], []
     for i in plan.order:
         s = suffixes[i]
@@ -105,10 +111,9 @@ def _intervals(model, suffixes: list[Suffix], plan: CascadeLayout, device) -> tu
     columns = torch.arange(plan.query_tokens)
     n_prefix = sum(plan.prefix_lengths.values())
     intervals = {}
-    for kind in dict.fromkeys(attention_layer_types(model)):
+    for kind, window in windows.items():
         lo, p_lo = own_lo, prefix_lo
-        if kind == SLIDING:  # keys less than `window` positions back: q - k < window
-            window = int(model.config.sliding_window)
+        if window is not None:  # keys less than `window` positions back: q - k < window
             lo = torch.maximum(own_lo, columns - window + 1)
             p_lo = torch.minimum(torch.maximum(prefix_lo, prefix_lo + positions - window + 1), prefix_hi)
         prefix = (p_lo.to(device), prefix_hi.to(device)) if n_prefix else (None, None)
@@ -131,20 +136,23 @@ def _prefix_kv(caches, plan: CascadeLayout):
     return layers
 
 
-def cascade_forward(model, caches, suffixes: list[Suffix], return_caches: bool = False, embeds_fn=None,
+def cascade_forward(model, caches, suffixes: list[Suffix], return_caches: bool = False, embeds=None,
                     backend: str = "auto"):  # fmt: skip
     """Hidden state at the last token of each suffix, (len(suffixes), hidden); with `return_caches`,
     also each suffix's own per-layer (keys, values), each (1, kv_heads, n, d), as `packed_suffix_forward`.
-    `caches[t]`: per-layer (keys, values) of text t, (1, kv_heads, >= start, d). `embeds_fn(ids)`, when
-    given, makes the row's input embeddings (IG differentiates w.r.t. them)."""
+    `caches[t]`: per-layer (keys, values) of text t, (1, kv_heads, >= start, d). `embeds`, when given:
+    each suffix's input embeddings, (n, hidden), in place of its ids' (IG differentiates w.r.t. them)."""
     from transformers import DynamicCache
 
     device = model.device
     plan = CascadeLayout.of(suffixes)
-    intervals, positions = _intervals(model, suffixes, plan, device)
+    intervals, positions = cascade_intervals(suffixes, plan, layer_windows(model), device)
     ids = torch.cat([torch.tensor(suffixes[i].ids) for i in plan.order])[None].to(device)
     attention = CascadePlan(attention_layer_types(model), intervals, _prefix_kv(caches, plan), backend)
-    inputs = {"input_ids": ids} if embeds_fn is None else {"inputs_embeds": embeds_fn(ids)}
+    if embeds is None:
+        inputs = {"input_ids": ids}
+    else:
+        inputs = {"inputs_embeds": torch.cat([embeds[i] for i in plan.order])[None]}
     # the forward appends this batch's keys and values to an empty cache: each suffix's own, when asked
     extra = {**cache_kwargs(model, DynamicCache()), "use_cache": True} if return_caches else {"use_cache": False}
     with cascade_scope(model, attention):

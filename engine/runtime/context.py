@@ -20,6 +20,7 @@ class ModelContext:
     prefix_reuse: bool  # causal-LM perturbations run over clean prefix caches (packed rows)
     row_capacity: int  # tokens per packed row
     cascade: bool  # packed suffixes and texts run on cascade attention (`runtime.cascade`), not dense rows
+    compile: bool  # decoder layers' MLPs and norms run compiled (`runtime.compiled`)
     attention_maps: str  # "eager" or "recompute" (`runtime.attention_capture`)
 
     @property

@@ -25,6 +25,7 @@ import torch
 from ..models import exclusive_eval
 from .caches import PrefixCaches
 from .cascade import cascade_forward
+from .compiled import compiled_forwards
 from .context import ModelContext
 from .forward import full_forward, head_logits, packed_suffix_forward, score_logits
 from .layout import Suffix, batch_cost, suffixes_over_caches, whole_texts
@@ -82,7 +83,7 @@ class ModelRunner:
 
     def execute(self, batch: Batch, caches: PrefixCaches) -> list:
         """One output per item of `batch`, in item order."""
-        with exclusive_eval(self.model):
+        with exclusive_eval(self.model), compiled_forwards(self.model, self.context.compile):
             return self._isolating_non_finite(batch, caches)
 
     def _halves(self, batch: Batch) -> list[Batch]:

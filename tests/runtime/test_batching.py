@@ -278,3 +278,28 @@ def test_bfloat16_model_runs_and_stays_close_to_float32(tmp_path):
                 assert np.abs(a.scores - b.scores).max() <= 0.1 * np.abs(a.scores).max() + 1e-3
     with pytest.raises(ValueError, match="dtype must be"):
         Explainer.from_pretrained(str(tmp_path), dtype="float16x")
+
+
+def test_compiled_forwards_equal_eager_and_leave_the_model_as_it_was(llama):
+    """`compile=True` fuses the decoder layers' MLPs and norms with torch.compile while a batch runs:
+    the same results (perturbations, IG through the compiled backward, LRP whose rules replace the
+    compiled forwards for its batch), and no instance attribute left on the model."""
+    from engine.runtime.compiled import compiled_modules
+
+    model, tok = llama
+    texts = random_texts(5, 2, 11)
+    eager, compiled = Explainer(model, tok), Explainer(model, tok, compile=True)
+    for method, opts in (("leave_one_out", {}), ("integrated_gradients", {"n_steps": 3}), ("lrp", {})):
+        refs = References(model)
+        got = compiled.attribute(texts, method, **opts)
+        for text, a, b in zip(texts, got, eager.attribute(texts, method, **opts), strict=True):
+            assert a.target_id == b.target_id
+            def eager_scores(m, text=text, t=a.target_id, method=method, opts=opts):
+                return Explainer(m, tok).attribute(text, method, target=t, **opts).scores
+
+            assert_matches_reference(a.scores, refs, eager_scores, what=f"compiled {method}")
+    assert compiled_modules(model) and not any("forward" in m.__dict__ for m in compiled_modules(model))
+    with pytest.raises(TypeError, match="compile must be a bool"):
+        Explainer(model, tok, compile="yes")
+    with pytest.raises(TypeError, match="cascade_attention must be a bool"):
+        Explainer(model, tok, cascade_attention=1)

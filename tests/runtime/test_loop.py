@@ -220,5 +220,5 @@ def test_context_is_all_a_method_sees():
     fields = {f for f in ModelContext.__dataclass_fields__}
     assert fields == {
         "model", "tokenizer", "kind", "num_layers", "replacement_id", "reads_first_token",
-        "prefix_reuse", "row_capacity", "cascade", "attention_maps",
+        "prefix_reuse", "row_capacity", "cascade", "compile", "attention_maps",
     }  # fmt: skip
