@@ -10,11 +10,10 @@ matmul peak measured in the same run), and compare with the committed baseline.
 Absolute times differ from machine to machine; a ratio of two things timed in one run on one machine
 moves far less. A figure regresses when it falls more than `--margin` (default 20 %) below its
 baseline, in the direction that is worse; the script prints the table and exits 1 if any does. Why
-20 %: the largest spread measured here between repeated runs of one ratio on this shared 2-core
-machine is 6.5 % (the leave-one-out ceiling of batching across requests, 1.38x / 1.43x / 1.47x in
-three runs) and single medians of the same setting moved by up to 15 % with the machine's drift
-(README, serving), so a drop of 20 % is above the noise; five full runs of the suite to pin it
-further have not been made (the suite takes hours here).
+20 %: five runs of the same ratios on one machine and day spread by 11.3 % (leave-one-out, Captum
+ppe 64 / engine) and 6.2 % (sliding window) of their median, an earlier triple of the serving
+ceiling by 6.5 %, and single medians drift by up to 15 % between settings on the shared 2-core
+machine (README, Performance and Serving); a drop of 20 % is above all of them.
 """
 
 from __future__ import annotations
@@ -57,6 +56,8 @@ FIGURES = [
      lambda b: _info(b, r"test_loo_engine", "peak_fraction"), True),
     ("leave_one_out: rows layout / cascade attention (time)", "bench_perturbation",
      lambda b: _ratio(_time(b, r"test_loo_variant\[rows\]"), _time(b, r"test_loo_engine\[2048\]")), True),
+    ("cascade attention: dense rows / cascade (one layer, time)", "bench_cascade_attention",
+     lambda b: _ratio(_time(b, r"test_dense_rows_sdpa"), _time(b, r"test_cascade_torch_engine")), True),
     ("sliding_window: Captum best / engine (time)", "bench_perturbation",
      lambda b: _ratio(_time(b, r"test_sliding_captum"), _time(b, r"test_sliding_engine")), True),
     ("integrated_gradients: Captum best / engine (time)", "bench_perturbation",

@@ -18,6 +18,8 @@ from .jsonable import comparison_json, evaluation_json
 from .methods import available_methods, default_methods
 from .models import CLASSIFIER, DEFAULT_MODEL
 
+COMPILE_HELP = "run the decoder layers' MLPs and norms through torch.compile (pays off on long jobs)"
+
 BAR_WIDTH = 30
 
 
@@ -262,6 +264,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=1, help="Ray actors, one Explainer each (ray backend)")
     p.add_argument("--chunk-texts", type=int, default=64, help="texts per part (default 64)")
     p.add_argument("--max-batch-tokens", type=int, default=None, help="token budget per batch")
+    p.add_argument("--compile", action="store_true", help=COMPILE_HELP)
     p.add_argument("--overwrite", action="store_true", help="start over in a folder holding another job's output")
     p.add_argument("--quiet", action="store_true", help="no progress bar, no summary")
     p.set_defaults(func=run_job)
@@ -271,6 +274,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
     p.add_argument("--port", type=int, default=8080)
     p.add_argument("--max-batch-tokens", type=int, default=None, help="token budget per batch")
+    p.add_argument("--compile", action="store_true", help=COMPILE_HELP)
     p.add_argument("--max-queued-tokens", type=int, default=200_000, help="admitted work in flight, in tokens")
     p.add_argument("--timeout-s", type=float, default=60.0, help="default deadline per request")
     p.add_argument("--max-concurrent", type=int, default=64, help="requests waiting on the engine loop at once")
@@ -302,6 +306,7 @@ def run_job(args) -> int:
         backend=args.backend,
         ray_address=args.ray_address,
         workers=args.workers,
+        compile=args.compile,
     )
     if not args.quiet:
         print(summary, file=sys.stderr)
@@ -326,8 +331,9 @@ def serve(args) -> int:
         api_key = os.environ.get(args.api_key_env)
         if not api_key:
             raise ValueError(f"--api-key-env {args.api_key_env}: that environment variable is empty or unset")
-    options = {} if args.max_batch_tokens is None else {"max_batch_tokens": args.max_batch_tokens}
-    ex = Explainer.from_pretrained(args.model, progress=False, **options)
+    from .corpus.job import explainer_options
+
+    ex = Explainer.from_pretrained(args.model, progress=False, **explainer_options(args.max_batch_tokens, args.compile))
     name = os.path.basename(os.path.normpath(args.model))
     app = create_app(
         ex,

@@ -18,7 +18,7 @@ attention for a common prefix):
   gathers the span of prefix keys and the span of own keys its queries need, side by side, once per
   forward's layer, and one fused SDPA call per layer attends every block to its keys under an
   additive bias: the same softmax over the same union of keys, in one pass, so no log-sum-exp is
-  needed and autograd differentiates it (IG, LRP);
+  needed and autograd differentiates it (packed IG steps);
 - "auto": Triton on CUDA tensors that do not require grad, torch elsewhere.
 
 Whole texts packed end to end (the clean pass, IG steps) have no prefix: block-diagonal causal

@@ -218,6 +218,14 @@ def run_local(
     return finish(out, manifest, total, computed, time.perf_counter() - start, tokens)
 
 
+def explainer_options(max_batch_tokens: int | None = None, compile: bool = False) -> dict:
+    """The `Explainer` options a job (or a server) sets: the budget where given, `compile` where on."""
+    return {
+        **({} if max_batch_tokens is None else {"max_batch_tokens": max_batch_tokens}),
+        **({"compile": True} if compile else {}),
+    }
+
+
 def run_corpus(
     input,
     out,
@@ -234,11 +242,14 @@ def run_corpus(
     backend: str = "local",
     ray_address: str | None = None,
     workers: int = 1,
+    compile: bool = False,
 ) -> RunSummary:
     """Attribute every record of `input` with every method into Parquet parts under `out` (see the
     module's doc); resumes an interrupted job of the same fingerprint. `explainer`: an Explainer to
-    use (then `model_name` names it in the fingerprint), else one is loaded from `model`.
-    `backend="ray"` runs the same map on Ray Data (`engine.corpus.ray_job`)."""
+    use (then `model_name` names it in the fingerprint), else one is loaded from `model` with
+    `max_batch_tokens` and `compile` (`Explainer`'s; neither changes the results beyond float32
+    rounding, so neither is in the fingerprint). `backend="ray"` runs the same map on Ray Data
+    (`engine.corpus.ray_job`)."""
     from ..models import DEFAULT_MODEL
 
     methods, options = check_job(methods, options, chunk_texts)
@@ -255,13 +266,13 @@ def run_corpus(
         from .ray_job import run_ray
 
         return run_ray(corpus, scan, out, methods, options, model or DEFAULT_MODEL, chunk_texts,
-                       max_batch_tokens, overwrite, progress, ray_address, workers)  # fmt: skip
+                       explainer_options(max_batch_tokens, compile), overwrite, progress, ray_address,
+                       workers)  # fmt: skip
     if explainer is None:
         from ..explainer import Explainer
 
         model = model or DEFAULT_MODEL
-        extra = {} if max_batch_tokens is None else {"max_batch_tokens": max_batch_tokens}
-        explainer = Explainer.from_pretrained(model, progress=False, **extra)
+        explainer = Explainer.from_pretrained(model, progress=False, **explainer_options(max_batch_tokens, compile))
         model_name = model_name or os.path.basename(os.path.normpath(model))
     model_name = model_name or getattr(explainer.model.config, "_name_or_path", "") or type(explainer.model).__name__
     fp = manifests.fingerprint(model_name, explainer.model, methods, options, scan.sha256, chunk_texts)

@@ -36,7 +36,7 @@ from .sources import Record, open_corpus
 class ChunkAttributor:
     """A Ray Data actor: one Explainer, fed chunk numbers, returning the rows of those chunks."""
 
-    def __init__(self, input_path: str, model: str, methods, options, chunk_texts: int, max_batch_tokens):
+    def __init__(self, input_path: str, model: str, methods, options, chunk_texts: int, explainer_options: dict):
         import ray
         import torch
 
@@ -44,8 +44,7 @@ class ChunkAttributor:
 
         cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1)
         torch.set_num_threads(max(1, int(cpus)))
-        extra = {} if max_batch_tokens is None else {"max_batch_tokens": max_batch_tokens}
-        self.ex = Explainer.from_pretrained(model, progress=False, **extra)
+        self.ex = Explainer.from_pretrained(model, progress=False, **explainer_options)
         self.corpus = open_corpus(input_path)
         self.methods, self.options, self.chunk_texts = list(methods), dict(options), chunk_texts
         self._records, self._next = None, 0  # an open reader and the position it is at
@@ -119,7 +118,7 @@ def loopback_violations() -> list[str]:
     return found
 
 
-def run_ray(corpus, scan, out: Path, methods, options, model: str, chunk_texts: int, max_batch_tokens,
+def run_ray(corpus, scan, out: Path, methods, options, model: str, chunk_texts: int, explainer_options: dict,
             overwrite: bool, progress: bool, ray_address: str | None, workers: int) -> RunSummary:  # fmt: skip
     try:
         import ray
@@ -165,7 +164,7 @@ def run_ray(corpus, scan, out: Path, methods, options, model: str, chunk_texts: 
                     "methods": methods,
                     "options": options,
                     "chunk_texts": chunk_texts,
-                    "max_batch_tokens": max_batch_tokens,
+                    "explainer_options": explainer_options,
                 },  # fmt: skip
                 batch_size=1,
                 concurrency=workers,

@@ -278,6 +278,21 @@ def test_kill_9_at_three_points_then_resume_equals_an_uninterrupted_run(tmp_path
                               options, ex32, ex64)  # fmt: skip
 
 
+def test_engine_run_compile_equals_the_facade(tmp_path, model_dir):
+    """`engine run --compile` (the decoder's MLPs and norms through torch.compile) writes the rows the
+    uncompiled facade gives, within the float32 noise of the float64 run."""
+    texts = random_texts(6, 3, 9)
+    source = tmp_path / "in.txt"
+    source.write_text("\n".join(texts) + "\n")
+    done = subprocess.run(_engine_run(model_dir, source, tmp_path / "out", "--compile"), capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    ex32 = Explainer.from_pretrained(str(model_dir), progress=False)
+    ex64 = Explainer.from_pretrained(str(model_dir), dtype="float64", progress=False)
+    _check_against_facade(read_output(tmp_path / "out"), {str(i): t for i, t in enumerate(texts)},
+                          ["leave_one_out", "integrated_gradients"], {"integrated_gradients": {"n_steps": 24}},
+                          ex32, ex64)  # fmt: skip
+
+
 def test_engine_run_cli_errors_exit_2(tmp_path, model_dir):
     source = tmp_path / "in.jsonl"
     source.write_text('{"id": 1, "text": "a b"}\n{"id": 1, "text": "c d"}\n')

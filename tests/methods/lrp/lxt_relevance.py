@@ -20,6 +20,10 @@ import time
 import types
 from pathlib import Path
 
+# the engine first: its check that `import kernels` is this project's package must run before tests/ (which
+# holds a `kernels` folder of tests, a namespace package) is on sys.path
+from engine import load_model  # noqa: E402
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import torch  # noqa: E402
@@ -53,8 +57,6 @@ def main(rule: str, which: str, texts: list[str]) -> None:
         registry[name] = wrapped
     modeling_llama.ALL_ATTENTION_FUNCTIONS = registry
     if which == "smollm2":
-        from engine import load_model
-
         torch.set_num_threads(2)
         model, tokenizer = load_model("smollm2")
     else:
