@@ -190,3 +190,37 @@ def test_scope_restores_the_model_even_on_error():
         raise RuntimeError("boom")
     assert model.config._attn_implementation == before
     assert not any(hasattr(m, _STATE) for m, _ in attention_modules(model))
+
+
+@pytest.mark.skipif(not INTERPRETED, reason="needs CUDA or TRITON_INTERPRET=1 (the test suite's conftest sets it)")
+@pytest.mark.parametrize("family_name", ["llama", "mistral"])
+def test_engine_forward_on_the_triton_kernels_equals_dense_rows(family_name):
+    """The engine's cascade forward with the Triton kernels (as it runs on CUDA) against the dense
+    packed-row forward it replaces, within the float32 noise of the dense forward in float64: leave-one-out
+    suffixes of three texts over their prefix caches, shuffled; Mistral with a sliding window of 3."""
+    from conftest import float64_copy
+    from transformers import MistralConfig, MistralForCausalLM
+
+    from engine.runtime.cascade import cascade_forward
+    from engine.runtime.forward import packed_suffix_forward
+    from engine.runtime.layout import Suffix
+
+    if family_name == "llama":
+        model = tiny_llama()
+    else:
+        torch.manual_seed(0)
+        config = MistralConfig(vocab_size=44, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                               num_attention_heads=4, num_key_value_heads=2, sliding_window=3)  # fmt: skip
+        model = MistralForCausalLM(config).eval()
+    rng = random.Random(_seed(family_name))
+    texts = [tuple(rng.randrange(4, 40) for _ in range(n)) for n in (5, 9, 3)]
+    suffixes = [Suffix(t, s, (0, *texts[t][s + 1 :])) for t in range(3) for s in range(len(texts[t]))]
+    rng.shuffle(suffixes)
+    with torch.no_grad():
+        dense = {}
+        for name, m in (("exact", float64_copy(model)), ("fp32", model)):
+            caches = packed_suffix_forward(m, [], [Suffix(0, 0, t) for t in texts], 8, return_caches=True)[1]
+            dense[name] = packed_suffix_forward(m, caches, suffixes, 7)
+        caches = cascade_forward(model, [], [Suffix(0, 0, t) for t in texts], return_caches=True, backend="triton")[1]
+        got = cascade_forward(model, caches, suffixes, backend="triton")
+    assert_within_fp32_noise(got, dense["exact"], dense["fp32"], what=family_name)
