@@ -12,6 +12,7 @@ per-instance forwards (LRP's rules) replaces them for its batch.
 
 from __future__ import annotations
 
+import os
 import types
 from contextlib import contextmanager
 
@@ -25,9 +26,15 @@ def compiled_modules(model) -> list[torch.nn.Module]:
     return [m for m in model.modules() if type(m).__name__.endswith(_SUFFIXES)]
 
 
+def _inductor_options() -> dict:
+    """Inductor's vectorized C++ does not compile where ATen's CPU dispatch is pinned to the plain
+    kernels (`ATEN_CPU_CAPABILITY=default`: `at::vec` is not declared, torch 2.13): scalar code there."""
+    return {"cpp.simdlen": 1} if os.environ.get("ATEN_CPU_CAPABILITY") == "default" else {}
+
+
 def _compiled_forward(cls: type):
     if cls not in _COMPILED:
-        _COMPILED[cls] = torch.compile(cls.forward, dynamic=True)
+        _COMPILED[cls] = torch.compile(cls.forward, dynamic=True, options=_inductor_options() or None)
     return _COMPILED[cls]
 
 
