@@ -10,6 +10,7 @@ place and the other texts are still attributed.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import threading
 from collections import deque
@@ -196,13 +197,15 @@ class Explainer:
                 if single:
                     raise
                 failures[i] = AttributionFailure(index=i, text=text, method=method, error=err)
-        if prepared and not spec.scores_itself:
-            prepared = self._clean(prepared, {} if clean_cache is None else clean_cache)
-            for p in prepared:
-                if not _scored_finite(p):
-                    failures[p.index] = self._non_finite(p, method, "logits at the read position", single)
-            prepared = [p for p in prepared if p.index not in failures]
-        computed = self._run_method(spec, prepared, opts) if prepared else []
+        with self._kept_caches(spec, prepared) as (keep, unpin):
+            if prepared and not spec.scores_itself:
+                prepared = self._clean(prepared, {} if clean_cache is None else clean_cache, keep)
+                for p in prepared:
+                    if not _scored_finite(p):
+                        failures[p.index] = self._non_finite(p, method, "logits at the read position", single)
+                prepared = [p for p in prepared if p.index not in failures]
+            # once the perturbations are queued they hold the caches they read: the pins can go
+            computed = self._run_method(spec, prepared, opts, submitted=unpin) if prepared else []
         results = dict(failures)
         for p, fields in zip(prepared, computed, strict=True):
             if finite_fields(fields):
@@ -214,23 +217,55 @@ class Explainer:
         ordered = [results[i] for i in range(len(batch))]
         return ordered[0] if single else ordered
 
-    def _run_method(self, spec, prepared: list[PreparedText], opts) -> list[dict]:
-        """Expand every text, run all their work as one request on the loop, reduce each text's outputs."""
+    @contextlib.contextmanager
+    def _kept_caches(self, spec, prepared: list[PreparedText]):
+        """(ids, unpin): the texts whose clean pass keeps its prefix cache for the method's
+        perturbations: for a method that perturbs the clean text on a causal LM with prefix reuse, the
+        first texts up to one batch budget of tokens (their perturbations run first; a bound, so memory
+        does not grow with the number of texts), pinned on the loop until `unpin()` (called once their
+        perturbations are queued, and on leaving the block in any case)."""
+        keys: list[tuple[int, ...]] = []
+        if spec.perturbs_clean_text and self.context.packs_texts:
+            budget = self.loop.scheduler.max_batch_tokens
+            for ids in dict.fromkeys(p.input_ids for p in prepared):
+                budget -= len(ids)
+                if budget < 0:
+                    break
+                keys.append(ids)
+        pinned = [keys]
+
+        def unpin():
+            if pinned:
+                self.loop.unpin(pinned.pop())
+
+        self.loop.pin(keys)
+        try:
+            yield frozenset(keys), unpin
+        finally:
+            unpin()
+
+    def _run_method(self, spec, prepared: list[PreparedText], opts, submitted=None) -> list[dict]:
+        """Expand every text, run all their work as one request on the loop, reduce each text's outputs;
+        `submitted()` is called once the work is queued."""
         per_text = [spec.expand(self.context, p, opts) for p in prepared]
-        outputs = self._run([w for work in per_text for w in work], spec.name, len(prepared))
+        outputs = self._run([w for work in per_text for w in work], spec.name, len(prepared), submitted)
         fields, at = [], 0
         for p, work in zip(prepared, per_text, strict=True):
             fields.append(spec.reduce(self.context, p, opts, outputs[at : at + len(work)]))
             at += len(work)
         return fields
 
-    def _run(self, work: list, desc: str, n_texts: int) -> list:
+    def _run(self, work: list, desc: str, n_texts: int, submitted=None) -> list:
         """Run `work` on the loop as one request (a tqdm bar for 16 texts or more, unless `progress`);
-        an interrupted call (KeyboardInterrupt, an error) cancels its request before it propagates."""
+        an interrupted call (KeyboardInterrupt, an error) cancels its request before it propagates.
+        `submitted()`, when given, is called once the request is queued."""
         show = self.progress if self.progress is not None else n_texts >= 16
         call_scope.check_current()
         with tqdm(total=len(work), desc=desc, disable=not show, leave=False) as bar:
-            return call_scope.wait(self.loop, self.loop.submit(work, on_progress=bar.update if show else None))
+            future = self.loop.submit(work, on_progress=bar.update if show else None)
+            if submitted is not None:
+                submitted()
+            return call_scope.wait(self.loop, future)
 
     def _stream(self, keys, plan, finish, desc: str, window: int) -> None:
         """For each key in order: `plan(key)` (with `.work`) runs as its own request, up to `window` in
@@ -265,8 +300,9 @@ class Explainer:
         thread with `scope.cancel()` (`CallCancelled`); see `engine.runtime.scope`."""
         return call_scope.scoped(timeout_s)
 
-    def _clean_pass(self, prepared: list[PreparedText]) -> list[PreparedText]:
-        outputs = self._run([clean_work(self.context, p) for p in prepared], "clean pass", len(prepared))
+    def _clean_pass(self, prepared: list[PreparedText], keep=frozenset()) -> list[PreparedText]:
+        work = [clean_work(self.context, p, p.input_ids in keep) for p in prepared]
+        outputs = self._run(work, "clean pass", len(prepared))
         return [cleaned(p, out) for p, out in zip(prepared, outputs, strict=True)]
 
     def _clean_one(self, text: str, target, what: str) -> PreparedText:
@@ -288,11 +324,12 @@ class Explainer:
             raise err
         return AttributionFailure(index=p.index, text=p.text, method=method, error=err)
 
-    def _clean(self, prepared: list[PreparedText], cache: dict) -> list[PreparedText]:
-        """The clean pass for the texts not yet in `cache`; every text's scored entry from the cache."""
+    def _clean(self, prepared: list[PreparedText], cache: dict, keep=frozenset()) -> list[PreparedText]:
+        """The clean pass for the texts not yet in `cache`; every text's scored entry from the cache.
+        `keep`: texts whose clean pass keeps its prefix cache (pinned by the caller)."""
         missing = [p for p in prepared if (p.text, p.target_id) not in cache]
         if missing:
-            done = self._clean_pass(missing)
+            done = self._clean_pass(missing, keep)
             cache.update(((p.text, p.target_id), c) for p, c in zip(missing, done, strict=True))
         # cleaned entries keep the text's position in this call's list
         return [dataclasses.replace(cache[(p.text, p.target_id)], index=p.index) for p in prepared]

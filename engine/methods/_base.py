@@ -45,6 +45,7 @@ class Method:
     check_model: Callable | None = None  # (context, options) -> None; raises for an unsupported model
     check_text: Callable | None = None  # (text, options) -> None; raises for a text it cannot attribute
     default: bool = True  # in the default set of compare / evaluate / the CLI (False: cost exponential in n)
+    perturbs_clean_text: bool = False  # its work runs over the clean text's prefix cache: the clean pass keeps it
 
 
 def replaced(ids, positions, fill: int) -> list[int]:
@@ -74,12 +75,13 @@ def zeroed_work(p: PreparedText, positions: tuple[int, ...]) -> Work:
     return Work(("zero", n), n, FullPayload(p.input_ids, p.target_id, True, zeroed=positions))
 
 
-def clean_work(ctx: ModelContext, p: PreparedText) -> Work:
+def clean_work(ctx: ModelContext, p: PreparedText, keep_cache: bool = False) -> Work:
     """The clean text scored once: prediction, probability, logit. Causal LMs pack texts of any length
-    end to end; classifiers batch texts of equal length."""
+    end to end (and keep the text's prefix cache where `keep_cache` and the caller pinned it);
+    classifiers batch texts of equal length."""
     n = len(p.input_ids)
     group = ("packed",) if ctx.packs_texts else ("full", n)
-    return Work(group, n, FullPayload(p.input_ids, p.target_id, need_prob=True))
+    return Work(group, n, FullPayload(p.input_ids, p.target_id, need_prob=True, keep_cache=keep_cache))
 
 
 def cleaned(p: PreparedText, out: ForwardOutput) -> PreparedText:

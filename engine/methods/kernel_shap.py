@@ -96,4 +96,4 @@ def reference(model, tokenizer, text, *, target_id, read_pos, options: KernelSha
     )
 
 
-register(Method("kernel_shap", KernelShapOptions, expand, reduce, reference, order=9))
+register(Method("kernel_shap", KernelShapOptions, expand, reduce, reference, order=9, perturbs_clean_text=True))

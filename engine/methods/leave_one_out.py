@@ -31,4 +31,4 @@ def reference(model, tokenizer, text, *, target_id, read_pos, options):
     return leave_one_out_attribution(model, tokenizer, text, target_id=target_id)[0]
 
 
-register(Method("leave_one_out", LeaveOneOutOptions, expand, reduce, reference, order=4))
+register(Method("leave_one_out", LeaveOneOutOptions, expand, reduce, reference, order=4, perturbs_clean_text=True))

@@ -73,4 +73,16 @@ def reference(model, tokenizer, text, *, target_id, read_pos, options: ShapleyOp
     return shapley_values(model, tokenizer, text, target_id=target_id, value=options.value)
 
 
-register(Method("shapley", ShapleyOptions, expand, reduce, reference, order=7, check_text=check_text, default=False))
+register(
+    Method(
+        "shapley",
+        ShapleyOptions,
+        expand,
+        reduce,
+        reference,
+        order=7,
+        check_text=check_text,
+        default=False,
+        perturbs_clean_text=True,
+    )
+)

@@ -88,4 +88,6 @@ def reference(model, tokenizer, text, *, target_id, read_pos, options: ShapleySa
     )  # fmt: skip
 
 
-register(Method("shapley_sampling", ShapleySamplingOptions, expand, reduce, reference, order=8))
+register(
+    Method("shapley_sampling", ShapleySamplingOptions, expand, reduce, reference, order=8, perturbs_clean_text=True)
+)

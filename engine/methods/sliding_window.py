@@ -62,4 +62,15 @@ def reference(model, tokenizer, text, *, target_id, read_pos, options: SlidingWi
     return window_scores_per_token(regions, len(tokenizer(text)["input_ids"]))
 
 
-register(Method("sliding_window", SlidingWindowOptions, expand, reduce, reference, order=5, check_text=check_text))
+register(
+    Method(
+        "sliding_window",
+        SlidingWindowOptions,
+        expand,
+        reduce,
+        reference,
+        order=5,
+        check_text=check_text,
+        perturbs_clean_text=True,
+    )
+)

@@ -114,6 +114,16 @@ class EngineLoop:
             future.cancel()
         return pending
 
+    def pin(self, keys) -> None:
+        """Ask the clean passes of these texts (their ids) to keep their prefix caches (`PrefixCaches`)
+        until `unpin`: their perturbations, submitted after, then read them instead of rebuilding."""
+        with self._lock:
+            self.caches.pin(keys)
+
+    def unpin(self, keys) -> None:
+        with self._lock:
+            self.caches.unpin(keys)
+
     def result(self, future: Future, timeout: float | None = None) -> list:
         """The future's outputs; stepping the loop where no worker does. Interrupted (KeyboardInterrupt,
         timeout, any error), the request is cancelled before the exception propagates."""

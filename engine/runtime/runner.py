@@ -67,6 +67,13 @@ def is_finite_output(out) -> bool:
     return True
 
 
+def _cache_key(payload):
+    """The prefix cache an item reads (a suffix) or keeps (a clean pass), or None."""
+    if isinstance(payload, SuffixPayload):
+        return payload.prefix
+    return payload.ids if isinstance(payload, FullPayload) and payload.keep_cache else None
+
+
 def shares_rows(group) -> bool:
     """Whether a batch's items share rows (one item's non-finite values can reach another's)."""
     return group[0] in ("packed", "suffix") or (group[0] == "call" and group[2])
@@ -95,7 +102,7 @@ class ModelRunner:
         outputs = self._splitting_on_oom(batch, caches)
         if len(batch.items) == 1 or not shares_rows(batch.group) or all(map(is_finite_output, outputs)):
             return outputs
-        caches.drop(item.payload.prefix for item in batch.items if isinstance(item.payload, SuffixPayload))
+        caches.drop(_cache_key(item.payload) for item in batch.items)
         return [out for part in self._halves(batch) for out in self._isolating_non_finite(part, caches)]
 
     def _splitting_on_oom(self, batch: Batch, caches: PrefixCaches) -> list:
@@ -124,7 +131,7 @@ class ModelRunner:
         if kind in ("full", "zero"):
             return self._run_full(payloads)
         if kind == "packed":
-            return self._run_packed(payloads)
+            return self._run_packed(payloads, caches)
         if kind == "suffix":
             return self._run_suffixes(payloads, caches)
         if kind == "call":
@@ -163,9 +170,16 @@ class ModelRunner:
         return self._packed_forward([], [Suffix(0, 0, ids) for ids in texts], return_caches=True)[1]
 
     @torch.no_grad()
-    def _run_packed(self, payloads: list[FullPayload]) -> list[ForwardOutput]:
-        """Whole sequences of any lengths packed end to end (causal LMs): no padding, no length groups."""
-        return self._scored(self._packed_forward([], whole_texts(payloads)), payloads)
+    def _run_packed(self, payloads: list[FullPayload], caches: PrefixCaches) -> list[ForwardOutput]:
+        """Whole sequences of any lengths packed end to end (causal LMs): no padding, no length groups.
+        The texts whose caches a caller pinned keep them (the same forward computes them)."""
+        if not any(p.keep_cache for p in payloads):
+            return self._scored(self._packed_forward([], whole_texts(payloads)), payloads)
+        hidden, own = self._packed_forward([], whole_texts(payloads), return_caches=True)
+        for p, cache in zip(payloads, own, strict=True):
+            if p.keep_cache:
+                caches.keep(p.ids, cache)
+        return self._scored(hidden, payloads)
 
     @torch.no_grad()
     def _run_suffixes(self, payloads: list[SuffixPayload], caches: PrefixCaches) -> list[ForwardOutput]:

@@ -57,6 +57,7 @@ class FullPayload:
     need_prob: bool
     zeroed: tuple[int, ...] | None = None  # positions whose token embedding is zeroed (kind "zero")
     read_pos: int = -1  # where a causal LM is read (a classifier reads its class logits)
+    keep_cache: bool = False  # the clean pass keeps this text's prefix cache where pinned (`PrefixCaches.pin`)
 
 
 @dataclass(frozen=True)

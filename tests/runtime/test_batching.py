@@ -303,3 +303,27 @@ def test_compiled_forwards_equal_eager_and_leave_the_model_as_it_was(llama):
         Explainer(model, tok, compile="yes")
     with pytest.raises(TypeError, match="cascade_attention must be a bool"):
         Explainer(model, tok, cascade_attention=1)
+
+
+@pytest.mark.parametrize("cascade", [True, False], ids=["cascade", "rows"])
+def test_the_clean_pass_keeps_the_caches_the_perturbations_read(llama, cascade):
+    """The clean pass computes each text's prefix cache; for the texts pinned (the first ones, up to one
+    batch budget of tokens) it keeps it, so their perturbations build none; the rest are built when
+    first needed; everything is freed after the call; the results are those of the reference."""
+    model, tok = llama
+    texts = random_texts(6, 3, 10)
+    lengths = [len(tok(t)["input_ids"]) for t in dict.fromkeys(texts)]
+    refs = References(model)
+    for budget in (10_000, 2 * max(lengths)):
+        ex = Explainer(model, tok, max_batch_tokens=budget, cascade_attention=cascade)
+        got = ex.attribute(texts, "leave_one_out")
+        kept = int((np.cumsum(lengths) <= budget).sum())
+        caches = ex.loop.caches
+        assert (caches.misses, caches.hits >= kept) == (len(lengths) - kept, True), (budget, kept)
+        assert caches.live() == 0 and caches.needed() == 0
+        for text, a in zip(texts, got, strict=True):
+            loo = lambda m, text=text, t=a.target_id: ref.leave_one_out_attribution(m, tok, text, target_id=t)[0]  # noqa: E731
+            assert_matches_reference(a.scores, refs, loo, what=f"budget {budget}")
+    ig = Explainer(model, tok)
+    ig.attribute(texts, "integrated_gradients", n_steps=2)  # no perturbation over the clean text: nothing kept
+    assert ig.loop.caches.live() == 0 and ig.loop.caches.needed() == 0
