@@ -22,7 +22,7 @@ import time
 
 import pytest
 import torch
-from conftest import matmul_peak_gflops, median_seconds, run_once
+from conftest import matmul_peak_gflops, median_seconds, run_once, succeeded
 
 from engine import Explainer
 from engine import reference as ref
@@ -87,8 +87,7 @@ def _variant(benchmark, smollm2, prompts, variant: str, warm_up) -> Explainer:
 def test_loo_engine(benchmark, smollm2, prompts, matmul_peak, max_batch_tokens):
     ex = _engine(smollm2, max_batch_tokens=max_batch_tokens)
     benchmark.group = "leave_one_out"
-    results = run_once(benchmark, lambda: ex.attribute(prompts, "leave_one_out"))
-    assert all(results)
+    results = succeeded(run_once(benchmark, lambda: ex.attribute(prompts, "leave_one_out")))
     seconds = median_seconds(benchmark)
     lengths = [len(a.tokens) for a in results]
     gflops = _needed_flops(smollm2[0], lengths, "leave_one_out") / seconds / 1e9
@@ -105,7 +104,7 @@ def test_loo_engine(benchmark, smollm2, prompts, matmul_peak, max_batch_tokens):
 def test_loo_variant(benchmark, smollm2, prompts, variant):
     ex = _variant(benchmark, smollm2, prompts, variant, lambda ex: ex.attribute(prompts, "leave_one_out"))
     benchmark.group = "leave_one_out"
-    assert all(run_once(benchmark, lambda: ex.attribute(prompts, "leave_one_out")))
+    succeeded(run_once(benchmark, lambda: ex.attribute(prompts, "leave_one_out")))
 
 
 def test_loo_reference_loop(benchmark, smollm2, prompts):
@@ -152,7 +151,7 @@ def test_sliding_variant(benchmark, smollm2, prompts, variant):
     run = lambda ex: ex.attribute(prompts, "sliding_window", window_size=3)  # noqa: E731
     ex = _variant(benchmark, smollm2, prompts, variant, run)
     benchmark.group = "sliding_window"
-    assert all(run_once(benchmark, lambda: run(ex)))
+    succeeded(run_once(benchmark, lambda: run(ex)))
 
 
 @pytest.mark.parametrize("ppe", (8, 64))
@@ -193,7 +192,7 @@ def test_ig_variant(benchmark, smollm2, prompts, variant):
     run = lambda ex, steps=IG_STEPS: ex.attribute(prompts, "integrated_gradients", n_steps=steps)  # noqa: E731
     ex = _variant(benchmark, smollm2, prompts, IG_VARIANTS[variant], lambda ex: run(ex, 4))
     benchmark.group = "integrated_gradients"
-    assert all(run_once(benchmark, lambda: run(ex)))
+    succeeded(run_once(benchmark, lambda: run(ex)))
 
 
 @pytest.mark.parametrize("internal_batch_size", IG_INTERNAL)

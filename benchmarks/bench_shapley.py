@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import TINY, median_seconds, run_once
+from conftest import TINY, median_seconds, run_once, succeeded
 
 from engine import Explainer
 from engine import reference as ref
@@ -81,8 +81,7 @@ def test_shapley_sampling_engine(benchmark, engine, prompts):
     ex = engine
     benchmark.group = "shapley_sampling"
     ENGINE_RESULTS.clear()
-    results = run_once(benchmark, lambda: _engine_results(ex, prompts))
-    assert all(results)
+    results = succeeded(run_once(benchmark, lambda: _engine_results(ex, prompts)))
     benchmark.extra_info.update(
         **_tokens(ex, prompts),
         sequences=sum(a.n_evaluations for a in results),

@@ -103,6 +103,14 @@ def run_once(benchmark, fn):
     return result
 
 
+def succeeded(results: list) -> list:
+    """`results`, after checking that every text was attributed (an AttributionFailure is falsy); the
+    failures, with their errors, are the assertion's message."""
+    failed = [(r.index, r.error) for r in results if not r]
+    assert not failed, f"{len(failed)} of {len(results)} texts failed: {failed}"
+    return results
+
+
 def median_seconds(benchmark) -> float:
     """The median time of a benchmark's rounds, or its one call's time where no statistics are kept."""
     if benchmark.stats is not None:

@@ -12,7 +12,6 @@ per-instance forwards (LRP's rules) replaces them for its batch.
 
 from __future__ import annotations
 
-import os
 import types
 from contextlib import contextmanager
 
@@ -27,14 +26,25 @@ def compiled_modules(model) -> list[torch.nn.Module]:
 
 
 def _inductor_options() -> dict:
-    """Inductor's vectorized C++ does not compile where ATen's CPU dispatch is pinned to the plain
-    kernels (`ATEN_CPU_CAPABILITY=default`: `at::vec` is not declared, torch 2.13): scalar code there."""
-    return {"cpp.simdlen": 1} if os.environ.get("ATEN_CPU_CAPABILITY") == "default" else {}
+    """The vector width inductor writes its C++ for, as an option, so that it is part of the cache key.
+
+    Inductor's FX graph cache (torch 2.13) keys a graph without the vector ISA its C++ was generated
+    for, then compiles the cached source with the flags of the ISA picked now: after a run under another
+    `ATEN_CPU_CAPABILITY` on the same machine (or with a cache shared by CPUs of different widths), code
+    written for 16-float AVX-512 vectors ran on 8-float AVX2 ones and returned NaN and wrong values
+    (found by the environment matrix). Where ATen is pinned to the plain kernels (`default`: no vector
+    ISA, and `at::vec` is not declared for inductor's vectorized code) the width is 1: scalar code."""
+    try:
+        from torch._inductor.cpu_vec_isa import pick_vec_isa
+    except ImportError:  # torch < 2.5 kept it in codecache
+        from torch._inductor.codecache import pick_vec_isa
+    isa = pick_vec_isa()
+    return {"cpp.simdlen": isa.bit_width() if isa else 1}
 
 
 def _compiled_forward(cls: type):
     if cls not in _COMPILED:
-        _COMPILED[cls] = torch.compile(cls.forward, dynamic=True, options=_inductor_options() or None)
+        _COMPILED[cls] = torch.compile(cls.forward, dynamic=True, options=_inductor_options())
     return _COMPILED[cls]
 
 
